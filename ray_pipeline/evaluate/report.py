@@ -1,0 +1,97 @@
+"""The run report: runs/<id>/report.json (one key per stage) and a readable report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ray_pipeline.runtime import Run
+
+STAGES = ("generate", "curate", "train", "sweep", "evaluate", "serve")
+
+
+def load_report(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "report.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_report(run: Run, stage: str, section: dict[str, Any]) -> dict[str, Any]:
+    """Set one stage's section, rewrite report.json and report.md; return the whole report."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
+    report = load_report(run.dir)
+    report["run_id"] = run.run_id
+    report[stage] = section
+    (run.dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (run.dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def require(report: dict[str, Any], stage: str, run_dir: Path) -> dict[str, Any]:
+    """A previous stage's section, or an error that says which command produces it."""
+    if stage not in report:
+        raise RuntimeError(
+            f"{run_dir}: no '{stage}' results in report.json; run `distill {stage}` for this "
+            f"run first (or `distill run` for the whole loop)"
+        )
+    return report[stage]
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    out = [f"# Distillation run `{report.get('run_id', '?')}`", ""]
+    if ev := report.get("evaluate"):
+        out += ["## Evaluation (accuracy on gold labels)", ""]
+        rows = []
+        for name, ts in ev.get("test_sets", {}).items():
+            acc = ts["accuracy"]
+            rows.append([name, ts["rows"], acc.get("student"), acc.get("teacher"), acc.get("baseline")])
+        out += [_table(["test set", "rows", "student", "teacher", "majority baseline"], rows), ""]
+        for name, ts in ev.get("test_sets", {}).items():
+            out += [f"### {name}: per class", ""]
+            prow = []
+            for who, per_class in ts.get("per_class", {}).items():
+                for label, m in per_class.items():
+                    prow.append([who, label, m["precision"], m["recall"], m["f1"], m["support"]])
+            out += [_table(["model", "label", "precision", "recall", "f1", "support"], prow), ""]
+            if ts.get("mistakes_file"):
+                out += [f"Student mistakes to read: `{ts['mistakes_file']}` ({ts.get('mistakes', 0)})", ""]
+        if ev.get("plot"):
+            out += [f"![accuracy]({Path(ev['plot']).name})", ""]
+    if gen := report.get("generate"):
+        out += ["## Generate", "", _table(["rows", "ok", "failed", "teacher calls", "recorded", "prompt tokens", "completion tokens", "seconds"], [[gen["rows"], gen["status"].get("ok", 0), gen["status"].get("failed", 0), gen["teacher_calls"], gen["recorded_responses"], gen["prompt_tokens"], gen["completion_tokens"], gen["seconds"]]]), ""]
+        if gen.get("reasons"):
+            out += [_table(["reason", "rows"], sorted(gen["reasons"].items())), ""]
+    if cur := report.get("curate"):
+        out += ["## Curate", "", _table(["input rows", "kept", "filtered", "failed"], [[cur["rows_in"], cur["kept"], cur["filtered"], cur["failed"]]]), ""]
+        if cur.get("reasons"):
+            out += [_table(["reason", "rows"], sorted(cur["reasons"].items())), ""]
+        if cur.get("labels"):
+            out += [_table(["label", "rows"], sorted(cur["labels"].items())), ""]
+    if tr := report.get("train"):
+        out += ["## Train", "", _table(["metric", "value"], [[k, v] for k, v in tr.get("metrics", {}).items()]), ""]
+        out += [f"Checkpoint: `{tr.get('checkpoint')}`", ""]
+    if sw := report.get("sweep"):
+        out += ["## Sweep", ""]
+        trials = sw.get("trials", [])
+        if trials:
+            keys = list(trials[0]["config"].keys())
+            out += [_table([*keys, "val_loss", "train_rows"], [[t["config"][k] for k in keys] + [t.get("val_loss"), t.get("train_rows")] for t in trials]), ""]
+        out += [f"Best: `{sw.get('best', {}).get('config')}` (val_loss {sw.get('best', {}).get('val_loss')})", ""]
+        if sw.get("plot"):
+            out += [f"![dataset size ablation]({Path(sw['plot']).relative_to(Path(sw['plot']).parents[1])})", ""]
+    if sv := report.get("serve"):
+        out += ["## Serve", "", _table(["target", "requests"], sorted(sv.get("answered_by", {}).items())), ""]
+        out += [f"Errors: {sv.get('errors', 0)}; endpoint: {sv.get('url')}", ""]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,91 @@
+"""The whole loop and its single stages, as library functions.
+
+``distill run`` / ``python -m jobs.distill`` call ``run_all``; the per-stage commands and jobs
+call ``run_stage``. Every stage writes its section of runs/<id>/report.json as soon as it ends,
+so a run that stops part-way keeps what it did, and a later stage command continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ray_pipeline.config import DistillConfig
+from ray_pipeline.evaluate.report import STAGES, update_report
+from ray_pipeline.runtime import Run, init_ray, open_run, teacher_endpoint
+
+log = logging.getLogger("distill")
+
+NEEDS_TEACHER = {"generate", "evaluate", "serve"}
+
+
+def latest_run_id(cfg: DistillConfig) -> str | None:
+    """The newest run folder of this config's run name, if any."""
+    root = Path(cfg.run.output_dir)
+    runs = sorted(root.glob(f"{cfg.run.name}-*"), key=lambda p: p.stat().st_mtime) if root.exists() else []
+    return runs[-1].name if runs else None
+
+
+def _stage(stage: str, run: Run, endpoint) -> dict:
+    # Imported here: each stage pulls in its own heavy libraries (torch, deepspeed, serve).
+    if stage == "generate":
+        from ray_pipeline.generate.stage import run_generate
+
+        return run_generate(run, endpoint)
+    if stage == "curate":
+        from ray_pipeline.curate.stage import run_curate
+
+        return run_curate(run)
+    if stage == "train":
+        from ray_pipeline.train.stage import run_train
+
+        return run_train(run)
+    if stage == "sweep":
+        from ray_pipeline.sweep.stage import run_sweep
+
+        return run_sweep(run)
+    if stage == "evaluate":
+        from ray_pipeline.evaluate.stage import run_evaluate
+
+        return run_evaluate(run, endpoint)
+    if stage == "serve":
+        from ray_pipeline.serving.stage import run_serve
+
+        return run_serve(run, endpoint)
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def _run_stages(run: Run, stages: list[str], endpoint) -> None:
+    for stage in stages:
+        started = time.perf_counter()
+        log.info("=== %s ===", stage)
+        section = _stage(stage, run, endpoint)
+        section.setdefault("seconds", round(time.perf_counter() - started, 2))
+        update_report(run, stage, section)
+
+
+def run_stages(cfg: DistillConfig, stages: list[str], run_id: str | None = None, address: str | None = None) -> Run:
+    """Run `stages` in order in one run folder, starting the teacher only if one needs it."""
+    run = open_run(cfg, run_id)
+    log.info("run %s in %s", run.run_id, run.dir)
+    init_ray(cfg, address)
+    if NEEDS_TEACHER & set(stages):
+        with teacher_endpoint(run) as endpoint:
+            _run_stages(run, stages, endpoint)
+    else:
+        _run_stages(run, stages, None)
+    return run
+
+
+def run_all(cfg: DistillConfig, run_id: str | None = None, address: str | None = None) -> Run:
+    """The whole loop: generate, curate, train, sweep (when configured), evaluate, serve."""
+    stages = ["generate", "curate", "train"]
+    if cfg.sweep is not None:
+        stages.append("sweep")
+    stages.append("evaluate")
+    if cfg.serve.enabled:
+        stages.append("serve")
+    run = run_stages(cfg, stages, run_id, address)
+    log.info("report: %s", run.dir / "report.md")
+    return run

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ray_pipeline.config import ConfigError, load_config
+
+
+def _base() -> dict:
+    return {
+        "task": {"prompt": {"template": "Classify: {input}"}, "labels": ["0", "1"]},
+        "teacher": {"simulator": {"enabled": True, "rule": "quickstart"}},
+        "data": {"logs": [{"path": "x.jsonl"}]},
+    }
+
+
+def test_every_shipped_config_loads(root, in_root):
+    configs = sorted((root / "configs").glob("*.yaml"))
+    assert configs, "configs/ has no YAML files"
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.task.labels
+        first_lines = path.read_text().splitlines()[:12]
+        assert any(path.name in line and ("distill" in line or "jobs." in line) for line in first_lines), (
+            f"{path.name}: the header must show the command that runs it"
+        )
+
+
+def test_all_problems_reported_with_field_paths():
+    data = _base()
+    data["teacher"]["max_attempts"] = -5
+    data["train"] = {"epochs": "many", "lora": {"r": 0}, "bogus": 1}
+    data["serve"] = {"weights": {"student": -1, "teacher": 0}}
+    with pytest.raises(ConfigError) as exc:
+        load_config(data=data)
+    problems = exc.value.problems
+    joined = "\n".join(problems)
+    assert "teacher.max_attempts: Input should be greater than 0, got -5" in joined
+    assert "train.epochs:" in joined and "'many'" in joined
+    assert "train.lora.r:" in joined
+    assert "train.bogus: Extra inputs are not permitted" in joined
+    assert "serve.weights:" in joined
+    assert len(problems) == 5
+
+
+def test_missing_required_sections_named():
+    with pytest.raises(ConfigError) as exc:
+        load_config(data={})
+    assert {p.split(":")[0] for p in exc.value.problems} == {"task", "teacher", "data"}
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(data=_base(), overrides=["train.epochs=2", "train.lora.r=4", "serve.enabled=false", "run.name=x"])
+    assert cfg.train.epochs == 2 and cfg.train.lora.r == 4
+    assert cfg.serve.enabled is False and cfg.run.name == "x"
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(data=_base(), overrides=["train.epochs"])
+
+
+def test_teacher_needs_endpoint_or_simulator():
+    data = _base()
+    data["teacher"] = {"model": "gpt-4o"}
+    with pytest.raises(ConfigError, match="teacher: base_url is required unless simulator.enabled"):
+        load_config(data=data)
+
+
+def test_prompt_needs_placeholder_and_one_source():
+    data = _base()
+    data["task"]["prompt"] = {"template": "no slot here"}
+    with pytest.raises(ConfigError, match="task.prompt: template does not contain the placeholder"):
+        load_config(data=data)
+    data["task"]["prompt"] = {"template": "x {input}", "file": "p.txt"}
+    with pytest.raises(ConfigError, match="exactly one of 'template' or 'file'"):
+        load_config(data=data)
+
+
+def test_integer_labels_become_strings():
+    data = _base()
+    data["task"]["labels"] = [0, 1]
+    assert load_config(data=data).task.labels == ["0", "1"]
+
+
+def test_bad_regex_and_fractions_rejected():
+    data = _base()
+    data["curate"] = {"exclude_patterns": ["(unclosed"]}
+    data["sweep"] = {"fractions": [0.0, 1.5]}
+    with pytest.raises(ConfigError) as exc:
+        load_config(data=data)
+    joined = "\n".join(exc.value.problems)
+    assert "curate.exclude_patterns: pattern '(unclosed' does not compile" in joined
+    assert "sweep.fractions: fractions must be non-empty and in (0, 1]" in joined
+
+
+def test_gpu_precision_needs_gpu():
+    data = _base()
+    data["train"] = {"precision": "bf16"}
+    with pytest.raises(ConfigError, match="precision 'bf16' needs use_gpu: true"):
+        load_config(data=data)
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
