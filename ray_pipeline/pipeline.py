@@ -27,12 +27,12 @@ def latest_run_id(cfg: DistillConfig) -> str | None:
     return runs[-1].name if runs else None
 
 
-def _stage(stage: str, run: Run, endpoint) -> dict:
+def _stage(stage: str, run: Run, endpoint, **options) -> dict:
     # Imported here: each stage pulls in its own heavy libraries (torch, deepspeed, serve).
     if stage == "generate":
         from ray_pipeline.generate.stage import run_generate
 
-        return run_generate(run, endpoint)
+        return run_generate(run, endpoint, **options)
     if stage == "curate":
         from ray_pipeline.curate.stage import run_curate
 
@@ -56,25 +56,39 @@ def _stage(stage: str, run: Run, endpoint) -> dict:
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 
-def _run_stages(run: Run, stages: list[str], endpoint) -> None:
+class RunStopped(RuntimeError):
+    """A stage stopped the run on purpose (e.g. the teacher budget is spent); what was done
+    so far is written and a re-run continues from it."""
+
+
+def _run_stages(run: Run, stages: list[str], endpoint, options: dict | None = None) -> None:
     for stage in stages:
         started = time.perf_counter()
         log.info("=== %s ===", stage)
-        section = _stage(stage, run, endpoint)
+        section = _stage(stage, run, endpoint, **(options or {}).get(stage, {}))
         section.setdefault("seconds", round(time.perf_counter() - started, 2))
         update_report(run, stage, section)
+        if section.get("budget_stop"):
+            failed = section["reasons"].get("budget_exhausted", 0)
+            raise RunStopped(
+                f"teacher budget reached in {stage}: {section['budget_stop']}. {failed} rows were "
+                f"not sent; everything else is written in {run.dir}. Raise teacher.budget and "
+                f"re-run (answers already paid for come from the cache), or run "
+                f"`distill generate CONFIG --retry-failed --run-id {run.run_id}`."
+            )
 
 
-def run_stages(cfg: DistillConfig, stages: list[str], run_id: str | None = None, address: str | None = None) -> Run:
-    """Run `stages` in order in one run folder, starting the teacher only if one needs it."""
+def run_stages(cfg: DistillConfig, stages: list[str], run_id: str | None = None, address: str | None = None, options: dict | None = None) -> Run:
+    """Run `stages` in order in one run folder, starting the teacher only if one needs it.
+    `options`: per-stage keyword arguments, e.g. {"generate": {"retry_failed": True}}."""
     run = open_run(cfg, run_id)
     log.info("run %s in %s", run.run_id, run.dir)
     init_ray(cfg, address)
     if NEEDS_TEACHER & set(stages):
         with teacher_endpoint(run) as endpoint:
-            _run_stages(run, stages, endpoint)
+            _run_stages(run, stages, endpoint, options)
     else:
-        _run_stages(run, stages, None)
+        _run_stages(run, stages, None, options)
     return run
 
 

@@ -99,6 +99,10 @@ def _openai_fields(rec: dict[str, Any], prompt: Prompt) -> dict[str, Any]:
         "prompt_hash": prompt.hash if extracted is not None else None,
     }
     resp = rec.get("response")
+    # The router's request log holds answers of the student too: only a teacher's answer is
+    # a label to learn from; a student-served request goes back to the teacher.
+    if rec.get("served_by", "teacher") != "teacher":
+        resp = None
     if isinstance(resp, dict) and resp.get("choices"):
         content = (resp["choices"][0].get("message") or {}).get("content")
         if isinstance(content, str) and content.strip():

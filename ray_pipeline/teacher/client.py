@@ -12,12 +12,20 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx2
 import openai
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+class Gate(Protocol):
+    """The shared quota seen from one request (see ``quota.LeaseGate``)."""
+
+    async def acquire(self) -> None: ...
+    def release(self, tokens: int = 0, cost: float = 0.0, ok: bool = True) -> None: ...
+    async def rate_limited(self, retry_after_s: float | None) -> None: ...
 
 
 @dataclass
@@ -28,6 +36,8 @@ class TeacherReply:
     completion_tokens: int
     latency_s: float  # of the successful attempt
     attempts: int
+    cost: float = 0.0  # USD, from the price table (0 when no price is known)
+    cached: bool = False
 
 
 class TeacherCallError(Exception):
@@ -75,8 +85,10 @@ class TeacherClient:
         backoff_max_s: float = 30.0,
         max_connections: int = 1000,
         seed: int | None = None,
+        price: tuple[float, float] | None = None,
     ):
         self.model = model
+        self.price = price  # USD per million (prompt, completion) tokens
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
@@ -94,39 +106,65 @@ class TeacherClient:
             ),
         )
 
-    async def complete(self, messages: list[dict[str, Any]], **params: Any) -> TeacherReply:
-        """One chat completion (``params``: temperature, max_tokens, n, seed, ...), retried."""
+    async def complete(self, messages: list[dict[str, Any]], gate: Gate | None = None, **params: Any) -> TeacherReply:
+        """One chat completion (``params``: temperature, max_tokens, n, seed, ...), retried.
+
+        With a `gate`, every attempt first waits for a start slot of the shared rate limit
+        and budget (``BudgetExhausted`` propagates), and reports how it ended."""
         for attempt in range(1, self.max_attempts + 1):
+            if gate is not None:
+                await gate.acquire()
             started = time.perf_counter()
             try:
                 resp = await self._client.chat.completions.create(
                     model=self.model, messages=messages, **params
                 )
+                if not resp.choices:
+                    raise ValueError("the answer has no choices")
             except openai.APIStatusError as e:
                 code = e.status_code
+                hint = retry_after_s(e.response.headers)
+                if gate is not None:
+                    if code == 429:
+                        await gate.rate_limited(hint)
+                    else:
+                        gate.release(ok=False)
                 retryable = code in RETRYABLE_STATUS or code >= 500
                 if not retryable or attempt == self.max_attempts:
                     raise TeacherCallError(_message(e), type(e).__name__, code, attempt) from e
-                hint = retry_after_s(e.response.headers)
                 await asyncio.sleep(hint if hint is not None else self._backoff(attempt))
                 continue
-            except openai.APIConnectionError as e:  # includes APITimeoutError
+            except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:
+                # Connection errors and timeouts, and 200s whose body is not a chat completion
+                # (truncated or malformed JSON): transient, retried with backoff.
+                if gate is not None:
+                    gate.release(ok=False)
                 if attempt == self.max_attempts:
                     raise TeacherCallError(_message(e), type(e).__name__, None, attempt) from e
                 await asyncio.sleep(self._backoff(attempt))
                 continue
             latency = time.perf_counter() - started
-            texts = [c.message.content or "" for c in resp.choices]
             usage = resp.usage
+            prompt_tokens = usage.prompt_tokens if usage else 0
+            completion_tokens = usage.completion_tokens if usage else 0
+            cost = self.cost(prompt_tokens, completion_tokens)
+            if gate is not None:
+                gate.release(prompt_tokens + completion_tokens, cost)
             return TeacherReply(
-                texts=texts,
+                texts=[c.message.content or "" for c in resp.choices],
                 model=resp.model or self.model,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
                 latency_s=latency,
                 attempts=attempt,
+                cost=cost,
             )
         raise AssertionError("unreachable: the loop returns or raises")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        if self.price is None:
+            return 0.0
+        return (prompt_tokens * self.price[0] + completion_tokens * self.price[1]) / 1e6
 
     def _backoff(self, attempt: int) -> float:
         return backoff_s(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)

@@ -86,3 +86,14 @@ def test_detect_format_and_read_texts(tmp_path):
 def test_schema_is_stable():
     assert ROW_SCHEMA.names[:4] == ["id", "source", "source_line", "input"]
     assert {"status", "reason", "gold", "split", "cost", "prompt_tokens", "completion_tokens"} <= set(ROW_SCHEMA.names)
+
+
+def test_request_log_records_only_keep_teacher_answers():
+    """The router's request log is a log source: the student's answers are not labels."""
+    def rec(served_by):
+        return {"request": {"messages": [{"role": "user", "content": "Q: x\nA:"}]}, "response": {"choices": [{"message": {"content": '{"label": 1}'}}]}, "served_by": served_by}
+
+    data = "\n".join(json.dumps(rec(s)) for s in ("teacher", "student")).encode()
+    rows = log_rows(data, "requests.jsonl", LogSource(path="requests.jsonl"), PROMPT, TASK)
+    assert rows[0]["response"] == '{"label": 1}'
+    assert rows[1]["response"] is None and rows[1]["input"] == "x"

@@ -1,0 +1,268 @@
+"""Cluster-wide teacher quota: rate limits (RPM/TPM), the spending budget, 429 storms, progress.
+
+One ``Quota`` per run lives in a Ray actor; every teacher-calling actor holds a ``LeaseGate``
+that asks it for *leases*: batches of request start times (and budget reservations), so the
+quota actor sees one call per batch of requests, not one per request, and is no bottleneck.
+
+Rate limiting is GCRA-style scheduling: each request (or its token estimate, for TPM) occupies
+``60 / rpm`` seconds of the endpoint's timeline; a lease gets the next free start times.
+A sporadic 429 only delays its own request (the client honours its ``Retry-After``). A *storm*
+(at least ``storm_share`` of the responses seen in the last ``storm_window_s`` seconds are 429)
+pauses the whole pool for the server's ``Retry-After`` and caps the rate at what actually got
+through, recovering by 10% per quiet window up to the configured limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class BudgetExhausted(Exception):
+    """The run's cost or token budget is spent: no more teacher calls."""
+
+
+@dataclass
+class Lease:
+    delays: list[float]  # seconds from now at which each granted request may start
+    stop: str | None = None  # why fewer than asked were granted (budget), if so
+    paused_for: float = 0.0  # pool-wide pause in force, seconds from now
+
+
+@dataclass
+class EndpointSchedule:
+    rpm: float | None
+    tpm: float | None
+    next_free: float = 0.0
+    paused_until: float = 0.0
+    rate_cap: float | None = None  # requests/s allowed after a storm (None: configured rpm)
+    events: deque = field(default_factory=deque)  # (time, was_429)
+
+
+class Quota:
+    """Plain class (unit-tested with a fake clock); ``QuotaActor`` runs it in Ray."""
+
+    def __init__(
+        self,
+        limits: dict[str, dict[str, float | None]],
+        max_cost_usd: float | None = None,
+        max_tokens: int | None = None,
+        storm_share: float = 0.3,
+        storm_window_s: float = 5.0,
+        burst_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.clock = clock
+        now = clock()
+        # Start one burst in the past: an idle endpoint may take `burst_s` worth at once.
+        self.endpoints = {
+            key: EndpointSchedule(rpm=lim.get("rpm"), tpm=lim.get("tpm"), next_free=now - burst_s)
+            for key, lim in limits.items()
+        }
+        self.burst_s = burst_s
+        self.max_cost_usd = max_cost_usd
+        self.max_tokens = max_tokens
+        self.storm_share = storm_share
+        self.storm_window_s = storm_window_s
+        self.spent_cost = 0.0
+        self.spent_tokens = 0
+        self.reserved_cost = 0.0
+        self.reserved_tokens = 0
+        self.budget_stop: str | None = None
+        self.counters: Counter[str] = Counter()
+        self.started = now
+        self.storms = 0
+
+    # -------------------------------------------------------------------------- leases
+    def lease(self, endpoint: str, k: int, est_tokens: int, est_cost: float) -> Lease:
+        """Grant up to `k` request starts on `endpoint`, reserving their estimated cost."""
+        now = self.clock()
+        ep = self.endpoints[endpoint]
+        granted = self._budget_room(k, est_tokens, est_cost)
+        self.reserved_tokens += granted * est_tokens
+        self.reserved_cost += granted * est_cost
+        interval = self._interval(ep, est_tokens)
+        start = max(now, ep.paused_until)
+        if interval > 0:
+            ep.next_free = max(ep.next_free, start - self.burst_s)
+        delays = []
+        for _ in range(granted):
+            t = max(start, ep.next_free)
+            ep.next_free = t + interval
+            delays.append(t - now)
+        self.counters["leases"] += 1
+        return Lease(delays, self.budget_stop if granted < k else None, max(0.0, ep.paused_until - now))
+
+    def _interval(self, ep: EndpointSchedule, est_tokens: int) -> float:
+        rates = []  # seconds per request implied by each limit
+        if ep.rpm:
+            rates.append(60.0 / ep.rpm)
+        if ep.tpm:
+            rates.append(60.0 * est_tokens / ep.tpm)
+        if ep.rate_cap:
+            rates.append(1.0 / ep.rate_cap)
+        return max(rates, default=0.0)
+
+    def _budget_room(self, k: int, est_tokens: int, est_cost: float) -> int:
+        if self.budget_stop:
+            return 0
+        room = k
+        if self.max_cost_usd is not None and est_cost > 0:
+            left = self.max_cost_usd - self.spent_cost - self.reserved_cost
+            room = min(room, max(0, int(left // est_cost)))
+            if room < k:
+                self.budget_stop = f"max_cost_usd {self.max_cost_usd} reached (spent {self.spent_cost:.4f})"
+        if self.max_tokens is not None and est_tokens > 0:
+            left = self.max_tokens - self.spent_tokens - self.reserved_tokens
+            room = min(room, max(0, int(left // est_tokens)))
+            if room < k and not self.budget_stop:
+                self.budget_stop = f"max_tokens {self.max_tokens} reached (spent {self.spent_tokens})"
+        return room
+
+    def settle(self, reserved_tokens: int, reserved_cost: float, tokens: int, cost: float, counters: dict[str, int] | None = None) -> None:
+        """Replace reservations by what was really used; add progress counters."""
+        self.reserved_tokens = max(0, self.reserved_tokens - reserved_tokens)
+        self.reserved_cost = max(0.0, self.reserved_cost - reserved_cost)
+        self.spent_tokens += tokens
+        self.spent_cost += cost
+        if counters:
+            self.counters.update(counters)
+
+    # ------------------------------------------------------------------ 429s and storms
+    def outcomes(self, endpoint: str, ok: int, rate_limited: int, retry_after_s: float | None) -> float:
+        """Record responses; on a storm pause the pool and cap the rate. Returns the pause
+        (seconds from now) now in force on the endpoint."""
+        now = self.clock()
+        ep = self.endpoints[endpoint]
+        for _ in range(ok):
+            ep.events.append((now, False))
+        for _ in range(rate_limited):
+            ep.events.append((now, True))
+        while ep.events and ep.events[0][0] < now - self.storm_window_s:
+            ep.events.popleft()
+        n = len(ep.events)
+        n429 = sum(1 for _, r in ep.events if r)
+        if rate_limited and n >= 5 and n429 / n >= self.storm_share and now >= ep.paused_until:
+            self.storms += 1
+            pause = retry_after_s if retry_after_s is not None else 1.0
+            ep.paused_until = now + pause
+            through = (n - n429) / self.storm_window_s  # requests/s the server accepted
+            ep.rate_cap = max(through, 0.5)
+            ep.events.clear()
+        elif ep.rate_cap and n and n429 == 0 and (now - ep.events[0][0]) >= self.storm_window_s * 0.9:
+            ep.rate_cap *= 1.1  # quiet window: recover towards the configured limit
+            limit = ep.rpm / 60 if ep.rpm else None
+            if limit and ep.rate_cap >= limit:
+                ep.rate_cap = None
+            ep.events.clear()
+        return max(0.0, ep.paused_until - now)
+
+    def snapshot(self) -> dict[str, Any]:
+        elapsed = max(self.clock() - self.started, 1e-9)
+        c = self.counters
+        return {
+            "elapsed_s": elapsed,
+            "rows_done": c["rows_done"],
+            "rows_per_s": c["rows_done"] / elapsed,
+            "calls": c["calls"],
+            "cache_hits": c["cache_hits"],
+            "errors": c["errors"],
+            "rate_limited": c["rate_limited"],
+            "storms": self.storms,
+            "tokens": self.spent_tokens,
+            "cost_usd": self.spent_cost,
+            "budget_stop": self.budget_stop,
+        }
+
+
+class LeaseGate:
+    """Per-actor side of the quota: hands out start slots from leases (one lease request in
+    flight at a time) and reports outcomes, spend and progress back in batches.
+
+    Every attempt takes one slot (``acquire``) and gives it back with its real usage
+    (``release``); the quota keeps each slot's estimated cost reserved until then, so the
+    budget holds even with many requests in flight."""
+
+    def __init__(self, quota: Any, endpoint: str, lease_size: int, est_tokens: int, est_cost: float):
+        self.quota = quota  # a Quota, or a Ray actor handle running one
+        self.endpoint = endpoint
+        self.lease_size = lease_size
+        self.est_tokens = est_tokens
+        self.est_cost = est_cost
+        self._slots: deque[float] = deque()
+        self._lock = asyncio.Lock()
+        self._paused_until = 0.0
+        self._stop: str | None = None
+        self._ok = 0
+        self._released = 0
+        self._tokens = 0
+        self._cost = 0.0
+        self._counters: Counter[str] = Counter()
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        target = getattr(self.quota, method)
+        if hasattr(target, "remote"):
+            return await target.remote(*args)
+        return target(*args)
+
+    async def acquire(self) -> None:
+        """Wait for one attempt's start slot; raise BudgetExhausted when there is none."""
+        async with self._lock:
+            while not self._slots:
+                if self._stop:
+                    raise BudgetExhausted(self._stop)
+                await self._flush()
+                lease: Lease = await self._call("lease", self.endpoint, self.lease_size, self.est_tokens, self.est_cost)
+                now = time.monotonic()
+                self._paused_until = max(self._paused_until, now + lease.paused_for)
+                self._slots.extend(now + d for d in lease.delays)
+                self._stop = lease.stop
+            start = self._slots.popleft()
+        wait = max(start, self._paused_until) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def release(self, tokens: int = 0, cost: float = 0.0, ok: bool = True) -> None:
+        """The attempt that took a slot has ended; `tokens`/`cost`: what it really used."""
+        self._released += 1
+        self._tokens += tokens
+        self._cost += cost
+        self._ok += ok
+
+    async def rate_limited(self, retry_after_s: float | None) -> None:
+        """A 429 ended an attempt: release its slot and tell the quota at once, so that a
+        storm pauses the whole pool quickly."""
+        self.release(ok=False)
+        self._counters["rate_limited"] += 1
+        ok, self._ok = self._ok, 0
+        pause = await self._call("outcomes", self.endpoint, ok, 1, retry_after_s)
+        self._paused_until = max(self._paused_until, time.monotonic() + pause)
+
+    def count(self, **counters: int) -> None:
+        self._counters.update(counters)
+
+    async def _flush(self) -> None:
+        # Take the pending numbers before awaiting: other requests keep adding to them.
+        ok, self._ok = self._ok, 0
+        if ok:
+            pause = await self._call("outcomes", self.endpoint, ok, 0, None)
+            self._paused_until = max(self._paused_until, time.monotonic() + pause)
+        n, tokens, cost, counters = self._released, self._tokens, self._cost, self._counters
+        self._released, self._tokens, self._cost, self._counters = 0, 0, 0.0, Counter()
+        if n or counters:
+            await self._call("settle", n * self.est_tokens, n * self.est_cost, tokens, cost, dict(counters))
+
+    async def flush(self) -> None:
+        async with self._lock:
+            await self._flush()
+
+    async def close(self) -> None:
+        """Give back the reservations of slots never used and report everything pending."""
+        async with self._lock:
+            self._released += len(self._slots)
+            self._slots.clear()
+            await self._flush()
