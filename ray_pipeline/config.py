@@ -140,8 +140,104 @@ class SimulatorSection(Section):
     error_rate: float = Field(
         0.1, ge=0.0, le=1.0, description="Share of rule answers that are deliberately wrong."
     )
-    latency_ms: float = Field(0.0, ge=0.0, description="Added latency per request.")
+    latency_ms: float = Field(0.0, ge=0.0, description="Added latency per request (its mean).")
     seed: int = Field(0, description="Seed of the simulator's random choices.")
+    latency_dist: Literal["fixed", "normal", "lognormal"] = Field(
+        "fixed", description="Distribution of the latency: fixed, normal or lognormal."
+    )
+    latency_sigma: float = Field(
+        0.5,
+        ge=0.0,
+        description="Latency spread: for normal the std as a share of latency_ms (clipped at "
+        "0); for lognormal the std of log-latency (mean kept at latency_ms).",
+    )
+    rate_429: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of requests answered 429 with Retry-After."
+    )
+    retry_after_s: float = Field(
+        1.0, ge=0.0, description="Retry-After of an injected 429 (also sent as retry-after-ms)."
+    )
+    rate_500: float = Field(0.0, ge=0.0, le=1.0, description="Share of requests answered 500.")
+    rate_503: float = Field(0.0, ge=0.0, le=1.0, description="Share of requests answered 503.")
+    rate_hang: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of requests that hang for hang_s before answering."
+    )
+    hang_s: float = Field(
+        120.0, gt=0.0, description="How long a hung request waits (set it past teacher.timeout_s)."
+    )
+    rate_malformed: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of 200 answers whose body is not (complete) JSON."
+    )
+    rate_unparsable: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of 200 answers that are prose with no structured answer."
+    )
+    rpm_per_key: float | None = Field(
+        None, gt=0.0, description="Requests per minute allowed per API key (429 beyond); none: no limit."
+    )
+    rpm_burst: int | None = Field(
+        None, ge=1, description="Requests one key may send at once; default: one second's worth of rpm_per_key."
+    )
+
+    @model_validator(mode="after")
+    def _fault_rates_fit(self) -> SimulatorSection:
+        total = sum(
+            (self.rate_429, self.rate_500, self.rate_503, self.rate_hang, self.rate_malformed, self.rate_unparsable)
+        )
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"the fault rates (rate_*) must sum to at most 1, got {total:g}")
+        return self
+
+
+class RateLimitSection(Section):
+    rpm: float | None = Field(
+        None, gt=0, description="Requests per minute for this endpoint, across the whole cluster."
+    )
+    tpm: float | None = Field(
+        None, gt=0, description="Tokens per minute (prompt + max answer, estimated per request)."
+    )
+    lease_size: int = Field(
+        16, gt=0, description="Request slots an actor takes from the shared limiter at a time."
+    )
+    storm_share: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Share of 429 answers in the last storm_window_s that pauses the whole pool.",
+    )
+    storm_window_s: float = Field(5.0, gt=0, description="Window in which 429s are counted.")
+
+
+class BudgetSection(Section):
+    max_cost_usd: float | None = Field(
+        None, gt=0, description="Stop calling the teacher once this much was spent (this run)."
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Stop calling the teacher once this many tokens were used."
+    )
+
+
+class PriceSection(Section):
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens.")
+    output_per_mtok: float = Field(0.0, ge=0, description="USD per million completion tokens.")
+
+
+class CacheSection(Section):
+    enabled: bool = Field(True, description="Reuse earlier answers to identical requests.")
+    dir: Path | None = Field(
+        None,
+        description="Cache directory (default <run.output_dir>/cache/teacher, shared by runs). "
+        "On a cluster, a path every node sees.",
+    )
+
+
+class VoterSection(Section):
+    name: str = Field(description="Name of this extra teacher in the votes.")
+    model: str | None = Field(None, description="Model (default: the main teacher's).")
+    base_url: str | None = Field(None, description="Endpoint (default: the main teacher's).")
+    api_key_env: str | None = Field(None, description="Key variable (default: the main one's).")
+    prompt: PromptSection | None = Field(None, description="Prompt (default: the task's).")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    n: int = Field(1, gt=0, le=16, description="Samples per input.")
 
 
 class TeacherSection(Section):
@@ -166,12 +262,30 @@ class TeacherSection(Section):
     num_cpus_per_actor: float = Field(
         0.25, gt=0, description="CPUs reserved per actor (the work is mostly waiting on I/O)."
     )
+    n: int = Field(1, gt=0, le=16, description="Samples per input (for voting in curation).")
+    voters: list[VoterSection] = Field(
+        default_factory=list,
+        description="More teachers (other models or prompts) asked for every input; their "
+        "answers are kept in the row's votes.",
+    )
+    backoff_base_s: float = Field(0.5, gt=0, description="First retry backoff (doubles).")
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest retry backoff.")
+    rate_limit: RateLimitSection = Field(default_factory=RateLimitSection)
+    budget: BudgetSection = Field(default_factory=BudgetSection)
+    prices: dict[str, PriceSection] = Field(
+        default_factory=dict,
+        description="Price table by model name; rows get their cost from it.",
+    )
+    cache: CacheSection = Field(default_factory=CacheSection)
     simulator: SimulatorSection = Field(default_factory=SimulatorSection)
 
     @model_validator(mode="after")
     def _endpoint(self) -> TeacherSection:
         if self.base_url is None and not self.simulator.enabled:
             raise ValueError("base_url is required unless simulator.enabled is true")
+        names = [v.name for v in self.voters]
+        if len(set(names)) != len(names) or "main" in names:
+            raise ValueError(f"voter names must be distinct and not 'main', got {names}")
         return self
 
 
@@ -203,12 +317,29 @@ class SeedsSection(Section):
         4, gt=0, description="Seed examples shown in one request (rotating subsets)."
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    topics: list[str] = Field(
+        default_factory=list, description="Topics rotated across requests ({topic})."
+    )
+    personas: list[str] = Field(
+        default_factory=list, description="Writer personas rotated across requests ({persona})."
+    )
     template: str = Field(
         "Here are examples of inputs for the task '{task}':\n{examples}\n\n"
         "Write {n} new, different inputs in the same style. Answer with a JSON list of "
         "strings only.",
-        description="Expansion prompt; {task}, {examples} and {n} are filled in.",
+        description="Expansion prompt; {task}, {examples}, {n} (and {topic}, {persona} when "
+        "topics/personas are given) are filled in.",
     )
+
+    @model_validator(mode="after")
+    def _template_slots(self) -> SeedsSection:
+        needed = ["{examples}", "{n}"]
+        needed += ["{topic}"] if self.topics else []
+        needed += ["{persona}"] if self.personas else []
+        missing = [slot for slot in needed if slot not in self.template]
+        if missing:
+            raise ValueError(f"template lacks {missing}")
+        return self
 
 
 class DataSection(Section):
@@ -252,11 +383,22 @@ class CurateSection(Section):
 
 # ------------------------------------------------------------------------------------- train
 class TinyModelSection(Section):
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(128, gt=0)
-    max_position_embeddings: int = Field(512, gt=0)
+    """A small Llama-style causal LM built from scratch (random init, seeded by run.seed) with
+    a byte-level BPE tokenizer trained on the training texts: no download, trains in seconds."""
+
+    hidden_size: int = Field(64, gt=0, description="Width of the model.")
+    num_layers: int = Field(2, gt=0, description="Transformer blocks.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
+    intermediate_size: int = Field(128, gt=0, description="Width of the MLP.")
+    max_position_embeddings: int = Field(
+        512, gt=0, description="Longest sequence the model takes (prompt + answer)."
+    )
+    vocab_size: int = Field(
+        1024,
+        ge=300,
+        description="BPE vocabulary size of the tokenizer trained on the training texts "
+        "(256 byte symbols + special tokens + merges; a small corpus may stop short of it).",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelSection:
@@ -279,42 +421,89 @@ class StudentSection(Section):
     )
     tiny: TinyModelSection = Field(default_factory=TinyModelSection)
 
+    @model_validator(mode="after")
+    def _tokenizer_needs_hub_model(self) -> StudentSection:
+        if self.model == "tiny" and self.tokenizer is not None:
+            raise ValueError("tokenizer is built from the training texts for model 'tiny'; leave it empty")
+        return self
+
 
 class LoraSection(Section):
     r: int = Field(8, gt=0, description="LoRA rank.")
     alpha: int = Field(16, gt=0, description="LoRA alpha.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Modules that get adapters."
+        "all-linear",
+        description="Modules that get adapters: 'all-linear' (every linear layer but the "
+        "output head) or module names such as [q_proj, v_proj].",
     )
     modules_to_save: list[str] = Field(
-        default_factory=list, description="Modules trained fully beside the adapters."
+        default_factory=list,
+        description="Modules trained fully beside the adapters and saved with them. A randomly "
+        "initialised student ('tiny') needs [lm_head, embed_tokens]: adapters alone on random "
+        "weights do not learn reliably.",
     )
 
 
 class DeepSpeedSection(Section):
     enabled: bool = Field(True, description="Wrap training in DeepSpeed.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
-    offload_optimizer: bool = Field(False, description="ZeRO optimizer state offload to CPU.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2,
+        description="ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also "
+        "gradients, 3 also the weights (needed when one GPU cannot hold the model).",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer state in CPU memory (ZeRO >= 1, GPU only)."
+    )
+    offload_params: bool = Field(
+        False, description="Keep the weights in CPU memory between uses (ZeRO 3, GPU only)."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSection:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3, got {self.zero_stage}")
+        return self
 
 
 class TrainSection(Section):
     student: StudentSection = Field(default_factory=StudentSection)
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters or all weights.")
     lora: LoraSection = Field(default_factory=LoraSection)
-    epochs: int = Field(3, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    epochs: int = Field(3, gt=0, description="Passes over the training set.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     batch_size: int = Field(16, gt=0, description="Examples per step per worker.")
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    max_seq_len: int = Field(256, gt=8, description="Longer examples are truncated (prompt side).")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches summed into one optimizer step."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Share of steps with a linear warm-up; then linear decay to 0."
+    )
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="Gradient clipping by global norm (0: no clipping)."
+    )
+    max_seq_len: int = Field(
+        256,
+        gt=8,
+        description="Longest prompt + answer in tokens. Longer prompts lose their start; the "
+        "answer is never cut (a longer answer is an error).",
+    )
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps (smoke runs).")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held out for validation loss.")
+    val_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of rows held out for the validation loss, chosen by a hash of the "
+        "row id (the same rows in every run of the same data).",
+    )
     num_workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU when use_gpu).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    log_every_steps: int = Field(10, gt=0, description="Log loss and examples/s every N steps.")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     target: Literal["canonical", "raw"] = Field(
         "canonical",
@@ -326,11 +515,23 @@ class TrainSection(Section):
     def _gpu_precision(self) -> TrainSection:
         if self.precision != "fp32" and not self.use_gpu:
             raise ValueError(f"precision {self.precision!r} needs use_gpu: true")
+        ds = self.deepspeed
+        if (ds.offload_optimizer or ds.offload_params) and not (ds.enabled and self.use_gpu):
+            raise ValueError("deepspeed offload needs deepspeed.enabled and use_gpu: true")
+        positions = self.student.tiny.max_position_embeddings
+        if self.student.model == "tiny" and self.max_seq_len > positions:
+            raise ValueError(
+                f"max_seq_len ({self.max_seq_len}) exceeds the tiny student's "
+                f"max_position_embeddings ({positions})"
+            )
         return self
 
 
 # ------------------------------------------------------------------------------------- sweep
 class SweepSection(Section):
+    """A grid over the lists below (null keeps the train section's value) times the dataset
+    fractions; every trial trains exactly like `train` otherwise."""
+
     learning_rate: list[float] | None = Field(None, description="Learning rates to try.")
     batch_size: list[int] | None = Field(None, description="Per-worker batch sizes to try.")
     lora_r: list[int] | None = Field(None, description="LoRA ranks to try.")
@@ -338,11 +539,21 @@ class SweepSection(Section):
     epochs: list[int] | None = Field(None, description="Epoch counts to try.")
     fractions: list[float] = Field(
         default_factory=lambda: [1.0],
-        description="Dataset-size fractions (nested subsets of the training set).",
+        description="Dataset-size fractions: nested subsets of the training rows (a fixed "
+        "seeded shuffle, the first fraction of it), so 50% is inside 100%.",
     )
     metric: Literal["val_loss"] = Field("val_loss", description="Metric that picks the best.")
     num_workers: int = Field(1, gt=0, description="Train workers per trial.")
-    max_concurrent_trials: int = Field(1, gt=0)
+    max_concurrent_trials: int = Field(
+        1, gt=0, description="Trials run at once (each needs num_workers * cpus_per_worker CPUs)."
+    )
+
+    @field_validator("learning_rate", "batch_size", "lora_r", "lora_alpha", "epochs")
+    @classmethod
+    def _grid_values(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(x <= 0 for x in v)):
+            raise ValueError(f"give null or a non-empty list of values > 0, got {v}")
+        return v
 
     @field_validator("fractions")
     @classmethod
