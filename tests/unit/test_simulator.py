@@ -1,12 +1,23 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
-from ray_pipeline.config import SeedsSection
+import pytest
+
+from ray_pipeline.config import ConfigError, SeedsSection, load_config
 from ray_pipeline.data import synthetic
 from ray_pipeline.teacher.parse import parse_answer, parse_list
 from ray_pipeline.teacher.prompts import Prompt
-from ray_pipeline.teacher.simulator import Simulator, SimulatorSpec, load_replay
+from ray_pipeline.teacher.simulator import (
+    FAULT_KINDS,
+    RpmLimiter,
+    Simulator,
+    SimulatorSpec,
+    load_replay,
+    spec_from_config,
+)
 
 PROMPT = Prompt(synthetic.PROMPT)
 
@@ -19,14 +30,25 @@ def test_rule_answers_follow_the_rule_with_errors():
     sim = Simulator(SimulatorSpec(rule="quickstart", error_rate=0.0, prompts=[PROMPT]))
     status, body = ask(sim, "You are a moron")
     assert status == 200
-    assert parse_answer(body["choices"][0]["message"]["content"], "toxic", ["0", "1"], {}).label == "1"
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] > 0
+    assert (
+        parse_answer(body["choices"][0]["message"]["content"], "toxic", ["0", "1"], {}).label == "1"
+    )
+    assert (
+        body["usage"]["total_tokens"]
+        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        > 0
+    )
     status, body = ask(sim, "This article is fine", n=3)
-    assert [parse_answer(c["message"]["content"], "toxic", ["0", "1"], {}).label for c in body["choices"]] == ["0"] * 3
+    assert [
+        parse_answer(c["message"]["content"], "toxic", ["0", "1"], {}).label
+        for c in body["choices"]
+    ] == ["0"] * 3
 
 
 def test_replay_by_input_text(jigsaw_dir):
-    table = load_replay(jigsaw_dir / "test.balanced.gpt-4.responses.csv", "comment_text", "simple_prompt")
+    table = load_replay(
+        jigsaw_dir / "test.balanced.gpt-4.responses.csv", "comment_text", "simple_prompt"
+    )
     assert len(table) == 400
     prompt = Prompt((jigsaw_dir / "prompt.simple.txt").read_text(), "%s")
     sim = Simulator(SimulatorSpec(replay=table, prompts=[prompt]))
@@ -58,3 +80,241 @@ def test_seed_expansion_requests():
     assert status == 200 and len(items) == 7 and len(set(items)) == 7
     _, again = sim.answer({"messages": [{"role": "user", "content": prompt}], "seed": 2})
     assert json.loads(again["choices"][0]["message"]["content"]) != items  # a new seed, new inputs
+
+
+# ----------------------------------------------------------------------- faults and limits
+def raw(text: str, **body) -> bytes:
+    return json.dumps({"model": "m", "messages": PROMPT.messages(text), **body}).encode()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def faulty(**kw) -> Simulator:
+    return Simulator(SimulatorSpec(rule="quickstart", error_rate=0.0, prompts=[PROMPT], **kw))
+
+
+def test_every_fault_kind_at_its_rate():
+    rates = dict(
+        rate_429=0.05,
+        rate_500=0.10,
+        rate_503=0.05,
+        rate_hang=0.02,
+        rate_malformed=0.08,
+        rate_unparsable=0.10,
+    )
+    sim = faulty(seed=7, hang_s=99.0, latency_ms=20, **rates)
+    n = 20_000
+    seen = {kind: 0 for kind in FAULT_KINDS}
+    for i in range(n):
+        r = sim.reply(raw(f"comment {i}"))
+        if r.fault is None:
+            assert r.status == 200 and r.delay_s == 0.02
+            parsed = parse_answer(
+                json.loads(r.body)["choices"][0]["message"]["content"], "toxic", ["0", "1"], {}
+            )
+            assert parsed.error is None
+            continue
+        seen[r.fault] += 1
+        if r.fault == "rate_limit":
+            assert r.status == 429 and r.delay_s == 0.0
+        elif r.fault == "server_error":
+            assert r.status == 500 and json.loads(r.body)["error"]["type"] == "server_error"
+        elif r.fault == "unavailable":
+            assert r.status == 503 and json.loads(r.body)["error"]["code"] == "service_unavailable"
+        elif r.fault == "hang":
+            assert r.status == 200 and r.delay_s == 99.0 and json.loads(r.body)["choices"]
+        elif r.fault == "malformed":
+            assert r.status == 200
+            with pytest.raises(ValueError):
+                json.loads(r.body)
+        else:  # unparsable: a well-formed completion whose answer has nothing to parse
+            content = json.loads(r.body)["choices"][0]["message"]["content"]
+            assert parse_answer(content, "toxic", ["0", "1"], {}).error.startswith("parse_error")
+    for kind, rate in zip(FAULT_KINDS, rates.values(), strict=True):
+        sd = math.sqrt(n * rate * (1 - rate))
+        assert abs(seen[kind] - n * rate) < 4 * sd, (kind, seen[kind], n * rate)
+    m = sim.metrics()
+    assert m["faults"] == seen and m["requests"] == n
+    assert (
+        m["ok"]
+        == n - seen["rate_limit"] - seen["server_error"] - seen["unavailable"] - seen["malformed"]
+    )
+    assert m["status"] == {
+        "200": n - seen["rate_limit"] - seen["server_error"] - seen["unavailable"],
+        "429": seen["rate_limit"],
+        "500": seen["server_error"],
+        "503": seen["unavailable"],
+    }
+
+
+def _trace(sim: Simulator, n: int = 300) -> list[tuple]:
+    return [
+        (r.status, r.fault, r.delay_s, r.body if r.status != 200 else None)
+        for r in (sim.reply(raw(f"c{i}")) for i in range(n))
+    ]
+
+
+def test_same_seed_same_faults_and_latencies_other_seed_not():
+    kw = dict(
+        rate_429=0.1,
+        rate_500=0.1,
+        rate_503=0.1,
+        rate_malformed=0.1,
+        latency_ms=20,
+        latency_dist="lognormal",
+    )
+    assert _trace(faulty(seed=3, **kw)) == _trace(faulty(seed=3, **kw))
+    assert _trace(faulty(seed=3, **kw)) != _trace(faulty(seed=4, **kw))
+    # The latency stream is separate: another distribution leaves which requests fault alone.
+    faults = [t[1] for t in _trace(faulty(seed=3, **kw))]
+    assert faults == [t[1] for t in _trace(faulty(seed=3, **{**kw, "latency_dist": "normal"}))]
+
+
+def test_a_retried_request_can_succeed():
+    sim = faulty(seed=1, rate_500=0.5, rate_429=0.2)
+    statuses = [sim.reply(raw("the very same comment")).status for _ in range(60)]
+    assert 200 in statuses and 500 in statuses and 429 in statuses
+
+
+def test_latency_distributions_are_seeded_and_never_negative():
+    n = 4000
+    fixed = [faulty(latency_ms=30).reply(raw("x")).delay_s for _ in range(3)]
+    assert fixed == [0.03] * 3
+    assert faulty(latency_ms=0, latency_dist="lognormal").reply(raw("x")).delay_s == 0.0
+    for dist in ("normal", "lognormal"):
+        sim = faulty(latency_ms=50, latency_dist=dist, latency_sigma=0.3, seed=5)
+        delays = [sim.reply(raw(f"c{i}")).delay_s for i in range(n)]
+        assert min(delays) >= 0
+        assert statistics.fmean(delays) == pytest.approx(0.05, rel=0.03)
+        rel_sd = statistics.stdev(delays) / statistics.fmean(delays)
+        assert 0.25 < rel_sd < 0.36, (dist, rel_sd)  # lognormal: sqrt(exp(0.09) - 1) = 0.307
+        again = faulty(latency_ms=50, latency_dist=dist, latency_sigma=0.3, seed=5)
+        assert [again.reply(raw(f"c{i}")).delay_s for i in range(n)] == delays
+    # A wide normal would go below zero half of the time: clipped, never negative.
+    sim = faulty(latency_ms=10, latency_dist="normal", latency_sigma=3.0)
+    delays = [sim.reply(raw(f"c{i}")).delay_s for i in range(1000)]
+    assert min(delays) == 0.0 and max(delays) > 0.02
+
+
+def test_injected_429_carries_retry_after():
+    r = faulty(rate_429=1.0, retry_after_s=2.5).reply(raw("x"))
+    assert r.status == 429 and r.headers == {"retry-after": "3", "retry-after-ms": "2500"}
+    assert json.loads(r.body)["error"]["code"] == "rate_limit_exceeded"
+    assert faulty(rate_429=1.0, retry_after_s=0).reply(raw("x")).headers == {
+        "retry-after": "0",
+        "retry-after-ms": "0",
+    }
+
+
+def test_per_key_rpm_limit_with_a_fake_clock():
+    clock = FakeClock()
+    sim = Simulator(
+        SimulatorSpec(rule="quickstart", prompts=[PROMPT], rpm_per_key=60, rpm_burst=2), clock=clock
+    )
+    assert [sim.reply(raw("a"), "key-1").status for _ in range(2)] == [200, 200]  # the burst
+    r = sim.reply(raw("a"), "key-1")
+    assert r.status == 429 and r.fault is None and r.delay_s == 0
+    assert r.headers == {"retry-after": "1", "retry-after-ms": "1000"}  # 60 rpm: one a second
+    assert json.loads(r.body)["error"]["code"] == "rate_limit_exceeded"
+    assert sim.reply(raw("a"), "key-2").status == 200  # keys are limited one by one
+    clock.now += 0.25
+    assert sim.reply(raw("a"), "key-1").headers == {"retry-after": "1", "retry-after-ms": "750"}
+    clock.now += 0.75
+    assert sim.reply(raw("a"), "key-1").status == 200
+    assert sim.reply(raw("a"), "key-1").status == 429
+    clock.now += 3600  # a long pause refills to the burst, not beyond
+    assert [sim.reply(raw("a"), "key-1").status for _ in range(3)] == [200, 200, 429]
+    m = sim.metrics()
+    assert (
+        m["rate_limited"] == 4
+        and m["status"] == {"200": 6, "429": 4}
+        and m["faults"]["rate_limit"] == 0
+    )
+
+
+def test_rpm_limiter_sustains_its_rate():
+    clock = FakeClock()
+    lim = RpmLimiter(rpm=600, clock=clock)  # 10/s, default burst: one second's worth
+    assert lim.burst == 10
+    admitted = 0
+    for _ in range(6000):  # 60 s of one request every 10 ms
+        admitted += lim.acquire("k") is None
+        clock.now += 0.01
+    assert 600 <= admitted <= 610  # 600 in the minute + the initial burst
+
+
+def test_metrics_count_tokens_and_reset():
+    clock = FakeClock()
+    sim = Simulator(SimulatorSpec(rule="quickstart", prompts=[PROMPT]), clock=clock)
+    bodies = [json.loads(sim.reply(raw(f"c{i}")).body) for i in range(5)]
+    sim.reply(b"not json")
+    clock.now += 2
+    m = sim.metrics()
+    assert m["requests"] == 6 and m["ok"] == 5 and m["bad_request"] == 1 and m["rule"] == 5
+    assert m["status"] == {"200": 5, "400": 1}
+    assert m["prompt_tokens"] == sum(b["usage"]["prompt_tokens"] for b in bodies)
+    assert m["total_tokens"] == sum(b["usage"]["total_tokens"] for b in bodies)
+    assert m["in_flight"] == 0 and m["elapsed_s"] == 2.0
+    assert len({b["id"] for b in bodies}) == 5
+    sim.reset_metrics()
+    m = sim.metrics()
+    assert (
+        m["requests"] == m["ok"] == m["total_tokens"] == 0
+        and m["status"] == {}
+        and m["elapsed_s"] == 0
+    )
+    assert set(m["faults"]) == set(FAULT_KINDS)
+
+
+def test_invalid_fault_settings_are_refused():
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        SimulatorSpec(rate_429=0.6, rate_500=0.6)
+    with pytest.raises(ValueError, match="rate_hang must be in"):
+        SimulatorSpec(rate_hang=-0.1)
+    with pytest.raises(ValueError, match="latency_dist"):
+        SimulatorSpec(latency_dist="pareto")
+    with pytest.raises(ValueError, match="rpm_per_key"):
+        SimulatorSpec(rpm_per_key=0)
+
+
+def test_fault_settings_from_the_run_config():
+    sim_cfg = {
+        "enabled": True,
+        "rule": "quickstart",
+        "latency_ms": 20,
+        "latency_dist": "lognormal",
+        "latency_sigma": 0.4,
+        "rate_429": 0.1,
+        "retry_after_s": 2,
+        "rate_500": 0.05,
+        "rate_503": 0.05,
+        "rate_hang": 0.01,
+        "hang_s": 90,
+        "rate_malformed": 0.02,
+        "rate_unparsable": 0.03,
+        "rpm_per_key": 1200,
+        "rpm_burst": 5,
+    }
+    data = {
+        "task": {"prompt": {"template": "Classify: {input}"}, "labels": ["0", "1"]},
+        "teacher": {"simulator": sim_cfg},
+        "data": {"logs": [{"path": "x.jsonl"}]},
+    }
+    spec = spec_from_config(load_config(data=data))
+    for key, value in sim_cfg.items():
+        if key not in ("enabled",):
+            assert getattr(spec, key) == value, key
+    data["teacher"]["simulator"] = {"enabled": True, "rate_429": 0.7, "rate_unparsable": 0.7}
+    with pytest.raises(ConfigError, match="teacher.simulator: .*sum to at most 1"):
+        load_config(data=data)
+    data["teacher"]["simulator"] = {"enabled": True, "rpm_per_key": -5, "latency_dist": "pareto"}
+    with pytest.raises(ConfigError) as exc:
+        load_config(data=data)
+    assert any(p.startswith("teacher.simulator.rpm_per_key:") for p in exc.value.problems)
+    assert any(p.startswith("teacher.simulator.latency_dist:") for p in exc.value.problems)
