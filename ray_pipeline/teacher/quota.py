@@ -58,9 +58,8 @@ class Quota:
     ):
         self.clock = clock
         now = clock()
-        # Start one burst in the past: an idle endpoint may take `burst_s` worth at once.
         self.endpoints = {
-            key: EndpointSchedule(rpm=lim.get("rpm"), tpm=lim.get("tpm"), next_free=now - burst_s)
+            key: EndpointSchedule(rpm=lim.get("rpm"), tpm=lim.get("tpm"), next_free=now)
             for key, lim in limits.items()
         }
         self.burst_s = burst_s
@@ -87,12 +86,13 @@ class Quota:
         self.reserved_cost += granted * est_cost
         interval = self._interval(ep, est_tokens)
         start = max(now, ep.paused_until)
-        if interval > 0:
-            ep.next_free = max(ep.next_free, start - self.burst_s)
+        # GCRA: `next_free` is the theoretical arrival time of the next request; a request
+        # may go up to `tolerance` before it (the burst), and pushes it on by one interval.
+        tolerance = max(0.0, self.burst_s - interval)
         delays = []
         for _ in range(granted):
-            t = max(start, ep.next_free)
-            ep.next_free = t + interval
+            t = max(start, ep.next_free - tolerance)
+            ep.next_free = max(ep.next_free, t) + interval
             delays.append(t - now)
         self.counters["leases"] += 1
         return Lease(delays, self.budget_stop if granted < k else None, max(0.0, ep.paused_until - now))

@@ -1,0 +1,84 @@
+"""TeacherCaller (the generate stage's actor logic) against the real simulator over HTTP,
+without Ray: cache, budget, voters and samples, every input accounted for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import pytest
+
+from ray_pipeline.config import TeacherSection
+from ray_pipeline.data import synthetic
+from ray_pipeline.data.schema import FAILED, OK, dumps, new_row, row_id
+from ray_pipeline.generate.teacher_calls import TeacherCaller, ask_specs, parse_rows
+from ray_pipeline.config import TaskSection
+from ray_pipeline.teacher.prompts import Prompt
+from ray_pipeline.teacher.quota import Quota
+
+pytestmark = pytest.mark.integration
+PROMPT = Prompt(synthetic.PROMPT)
+TASK = TaskSection(prompt={"template": synthetic.PROMPT}, label_key="toxic", labels=["0", "1"])
+
+
+def rows(n, seed=0):
+    return [
+        new_row(id=row_id("t", text), source="t", source_line=i, input=text, messages=dumps(PROMPT.messages(text)))
+        for i, text in enumerate(synthetic.generate_comments(n, seed))
+    ]
+
+
+def metrics(url):
+    return json.load(urllib.request.urlopen(url.removesuffix("/v1") + "/metrics"))
+
+
+def run_caller(url, teacher: dict, batch, quota=None, cache_dir=None):
+    cfg = TeacherSection.model_validate({"simulator": {"enabled": True}, **teacher})
+    specs = ask_specs(cfg, url, "k", simulator=True)
+    caller = TeacherCaller(specs, cfg.model_dump(mode="json"), quota, cache_dir)
+
+    async def go():
+        try:
+            return await caller.call_rows(batch)
+        finally:
+            await caller.aclose()
+
+    return asyncio.run(go())
+
+
+def test_every_row_answered_and_cached(simulator, tmp_path):
+    url = simulator("--rule", "quickstart", "--label-key", "toxic")
+    out = parse_rows(run_caller(url, {"per_actor_concurrency": 8}, rows(40), Quota({"simulator:0": {}}), str(tmp_path / "cache")), TASK)
+    assert [r["status"] for r in out] == [OK] * 40
+    assert all(r["label"] in ("0", "1") and r["prompt_tokens"] > 0 and r["attempts"] == 1 and not r["cached"] for r in out)
+    sent = metrics(url)["ok"]
+    again = run_caller(url, {}, rows(40), Quota({"simulator:0": {}}), str(tmp_path / "cache"))
+    assert metrics(url)["ok"] == sent == 40  # the re-run made zero calls
+    assert all(r["cached"] and r["cost"] == 0.0 for r in again)
+    assert [r["response"] for r in again] == [r["response"] for r in out]
+
+
+def test_budget_stops_cleanly_and_accounts_every_row(simulator):
+    url = simulator("--rule", "quickstart")
+    quota = Quota({"simulator:0": {}}, max_cost_usd=0.01)
+    teacher = {"model": "sim-teacher", "max_tokens": 10, "per_actor_concurrency": 4, "rate_limit": {"lease_size": 2}, "prices": {"sim-teacher": {"input_per_mtok": 100.0, "output_per_mtok": 100.0}}}
+    out = run_caller(url, teacher, rows(60), quota)
+    ok = [r for r in out if r["status"] == OK]
+    refused = [r for r in out if r["status"] == FAILED]
+    assert len(ok) + len(refused) == 60 and ok and refused
+    assert all(r["reason"].startswith("budget_exhausted: max_cost_usd 0.01") for r in refused)
+    assert quota.spent_cost <= 0.01 and metrics(url)["ok"] == len(ok)
+    assert sum(r["cost"] for r in ok) == pytest.approx(quota.spent_cost)
+
+
+def test_voters_and_samples_fill_votes(simulator):
+    url = simulator("--rule", "quickstart", "--error-rate", "0.3")
+    teacher = {"n": 3, "temperature": 0.7, "voters": [{"name": "strict", "prompt": {"template": "Strictly: " + synthetic.PROMPT}, "n": 2}]}
+    out = parse_rows(run_caller(url, teacher, rows(5)), TASK)
+    for r in out:
+        votes = json.loads(r["votes"])
+        assert [(v["teacher"], v["sample"]) for v in votes] == [("main", 0), ("main", 1), ("main", 2), ("strict", 0), ("strict", 1)]
+        assert all(v["label"] in ("0", "1") for v in votes)
+        assert r["label"] == votes[0]["label"]
+    assert metrics(url)["ok"] == 10  # one request per teacher per row, n samples each

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ray_pipeline.teacher.quota import BudgetExhausted, LeaseGate, Quota
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_rpm_schedule_spaces_requests_across_leases():
+    clock = Clock()
+    q = Quota({"e": {"rpm": 600}}, burst_s=0.0, clock=clock)  # 10 requests/s
+    a = q.lease("e", 3, 10, 0.0)
+    b = q.lease("e", 2, 10, 0.0)  # another actor: continues the same timeline
+    starts = a.delays + b.delays
+    assert starts == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    clock.t += 10  # idle time is not banked beyond the burst
+    assert q.lease("e", 2, 10, 0.0).delays == pytest.approx([0.0, 0.1])
+
+
+def test_burst_allows_one_second_at_once():
+    q = Quota({"e": {"rpm": 600}}, burst_s=1.0, clock=Clock())
+    delays = q.lease("e", 12, 1, 0.0).delays
+    assert delays[:10] == pytest.approx([0.0] * 10) and delays[10] == pytest.approx(0.1)
+
+
+def test_tpm_limits_by_estimated_tokens():
+    q = Quota({"e": {"rpm": None, "tpm": 6000}}, burst_s=0.0, clock=Clock())  # 100 tokens/s
+    assert q.lease("e", 3, 50, 0.0).delays == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_no_limits_means_no_waiting():
+    q = Quota({"e": {}}, clock=Clock())
+    assert q.lease("e", 5, 100, 0.0).delays == [0.0] * 5
+
+
+def test_budget_reserves_and_stops():
+    q = Quota({"e": {}}, max_cost_usd=1.0, clock=Clock())
+    first = q.lease("e", 3, 10, 0.3)
+    assert len(first.delays) == 3 and first.stop is None
+    second = q.lease("e", 3, 10, 0.3)  # 0.9 reserved: nothing more fits
+    assert second.delays == [] and "max_cost_usd 1.0 reached" in second.stop
+    q.settle(30, 0.9, 30, 0.6, {"rows_done": 3})  # the real calls cost less, but the stop stays
+    assert q.lease("e", 1, 10, 0.3).delays == []
+    snap = q.snapshot()
+    assert snap["cost_usd"] == pytest.approx(0.6) and snap["rows_done"] == 3 and snap["budget_stop"]
+
+
+def test_token_budget():
+    q = Quota({"e": {}}, max_tokens=250, clock=Clock())
+    assert len(q.lease("e", 5, 100, 0.0).delays) == 2
+    assert "max_tokens 250 reached" in q.snapshot()["budget_stop"]
+
+
+def test_sporadic_429s_do_not_pause_but_a_storm_does():
+    clock = Clock()
+    q = Quota({"e": {"rpm": 6000}}, storm_share=0.3, storm_window_s=5.0, burst_s=0.0, clock=clock)
+    assert q.outcomes("e", 90, 0, None) == 0.0
+    assert q.outcomes("e", 0, 10, 1.0) == 0.0  # 10% of the window: only those requests wait
+    pause = q.outcomes("e", 0, 40, 2.0)  # 50/140 >= 30%: a storm
+    assert pause == pytest.approx(2.0) and q.storms == 1
+    lease = q.lease("e", 2, 1, 0.0)
+    assert lease.paused_for == pytest.approx(2.0) and min(lease.delays) >= 2.0
+    # The rate is capped at what got through (90 ok in 5 s = 18/s), then recovers.
+    assert q.endpoints["e"].rate_cap == pytest.approx(18.0)
+    clock.t += 3
+    q.outcomes("e", 5, 0, None)
+    clock.t += 5
+    q.outcomes("e", 5, 0, None)
+    assert q.endpoints["e"].rate_cap == pytest.approx(19.8)
+
+
+def test_gate_accounts_slots_and_reports_progress():
+    q = Quota({"e": {}}, max_cost_usd=1.0, clock=Clock())
+
+    async def main():
+        gate = LeaseGate(q, "e", lease_size=4, est_tokens=10, est_cost=0.1)
+        await gate.acquire()
+        assert q.reserved_cost == pytest.approx(0.4)  # one lease of 4 slots
+        gate.release(tokens=7, cost=0.05)
+        gate.count(rows_done=1, calls=1)
+        await gate.flush()
+        assert q.spent_cost == pytest.approx(0.05) and q.reserved_cost == pytest.approx(0.3)
+        await gate.close()  # unused slots give their reservation back
+        assert q.reserved_cost == pytest.approx(0.0) and q.snapshot()["calls"] == 1
+
+    asyncio.run(main())
+
+
+def test_gate_raises_when_the_budget_is_spent():
+    q = Quota({"e": {}}, max_cost_usd=0.25, clock=Clock())
+
+    async def main():
+        gate = LeaseGate(q, "e", lease_size=4, est_tokens=10, est_cost=0.1)
+        await gate.acquire()
+        await gate.acquire()
+        with pytest.raises(BudgetExhausted, match="max_cost_usd"):
+            await gate.acquire()
+
+    asyncio.run(main())
