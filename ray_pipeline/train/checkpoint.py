@@ -1,0 +1,124 @@
+"""The student checkpoint: a plain, self-describing directory.
+
+    distill_checkpoint.json   what it is: base model, method, lineage (manifest + dataset hash),
+                              task label key and labels, the train config, final metrics
+    tokenizer/                save_pretrained of the tokenizer it was trained with
+    model/                    method 'full': the whole model (save_pretrained)
+    adapter/                  method 'lora': the PEFT adapter (+ modules_to_save)
+    base/                     method 'lora' on the 'tiny' student: its random base weights,
+                              which exist nowhere else; a hub base is referenced by id instead
+
+Under ZeRO-3 each rank holds only a shard of every weight, and ``state_dict()`` returns empty
+placeholders: saving that silently writes an empty model. ``gathered_state_dict`` gathers each
+weight in turn (all ranks must call it), so the saved files are complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+META_FILE = "distill_checkpoint.json"
+FORMAT_VERSION = 1
+
+
+def gathered_state_dict(
+    model: Any, *, trainable_only: bool, zero3: bool, writer: bool
+) -> dict[str, Any] | None:
+    """CPU copies of the model's weights (only the trainable ones when `trainable_only`).
+
+    With `zero3` this is a collective: every rank must call it, with the same model; one
+    weight is gathered at a time, so no rank ever holds more than the largest weight on top of
+    its shard. Only the `writer` rank keeps the copies (the others get None).
+    """
+    gather = _zero3_gather if zero3 else _no_gather
+    out: dict[str, Any] = {}
+    for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        with gather(param):
+            if writer:
+                out[name] = param.detach().to("cpu", copy=True)
+    if not trainable_only and writer:
+        # Persistent buffers (those in state_dict) are never partitioned by ZeRO, and
+        # save_pretrained expects them.
+        buffers = {name for name, _ in model.named_buffers()}
+        for name, value in model.state_dict().items():
+            if name in buffers:
+                out[name] = value.detach().to("cpu", copy=True)
+    return out if writer else None
+
+
+def _zero3_gather(param: Any) -> contextlib.AbstractContextManager:
+    import deepspeed
+
+    # modifier_rank=None: read-only gather, nothing is scattered back on exit.
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+
+
+def _no_gather(param: Any) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    *,
+    model: Any,
+    state_dict: dict[str, Any],
+    tokenizer: Any,
+    method: str,
+    meta: dict[str, Any],
+    base_dir: str | Path | None = None,
+) -> Path:
+    """Write a checkpoint directory from an *unwrapped* model (no DDP / DeepSpeed wrapper)
+    and a complete state dict (see ``gathered_state_dict``).
+
+    `base_dir`: for LoRA on a base that cannot be re-downloaded (the tiny student), the saved
+    base model to copy into base/.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    if method == "full":
+        model.save_pretrained(out / "model", state_dict=state_dict)
+    elif method == "lora":
+        # PEFT keeps only the adapter and modules_to_save entries of the state dict.
+        model.save_pretrained(out / "adapter", state_dict=state_dict)
+        if base_dir is not None:
+            shutil.copytree(base_dir, out / "base", dirs_exist_ok=True)
+    else:
+        raise ValueError(f"unknown method {method!r}; expected 'lora' or 'full'")
+    (out / META_FILE).write_text(
+        json.dumps(
+            {"format_version": FORMAT_VERSION, **meta, "method": method}, indent=2, default=str
+        )
+    )
+    return out
+
+
+def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint_dir} is not a student checkpoint: it has no {META_FILE}"
+        )
+    return json.loads(path.read_text())
+
+
+def load_model(checkpoint_dir: str | Path, meta: dict[str, Any], *, merge: bool = True) -> Any:
+    """The checkpoint's model (on CPU, in the dtype it was saved in). LoRA adapters are merged
+    into the base weights when `merge` (faster inference, same outputs up to rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Path(checkpoint_dir)
+    if meta["method"] == "full":
+        return AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype="auto")
+    from peft import PeftModel
+
+    base_source = ckpt / "base" if (ckpt / "base").is_dir() else meta["base_model"]
+    base = AutoModelForCausalLM.from_pretrained(base_source, dtype="auto")
+    model = PeftModel.from_pretrained(base, ckpt / "adapter")
+    return model.merge_and_unload() if merge else model

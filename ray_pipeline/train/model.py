@@ -1,0 +1,82 @@
+"""Student models: the tiny random-init Llama, pretrained hub models, and LoRA on top."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ray_pipeline.config import LoraSection, TinyModelSection, TrainSection
+
+if TYPE_CHECKING:
+    import torch
+
+TINY = "tiny"
+
+
+def build_tiny_model(tokenizer: Any, tiny: TinyModelSection, seed: int) -> Any:
+    """A small LlamaForCausalLM sized to the tokenizer, its random weights fixed by `seed`.
+    Input and output embeddings are not tied, so each can be trained (or saved) on its own."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=tiny.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    # fork_rng: seeding must not change the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def weights_dtype(train: TrainSection) -> torch.dtype:
+    """dtype to load pretrained weights in: bf16 halves memory on GPU when training in bf16;
+    fp16 training keeps fp32 weights (DeepSpeed / autocast make the half copies)."""
+    import torch
+
+    return torch.bfloat16 if train.use_gpu and train.precision == "bf16" else torch.float32
+
+
+def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None) -> Any:
+    """A causal LM from the hub or a local directory (the path users take with real models).
+    Under an active DeepSpeed ZeRO-3 config (HfDeepSpeedConfig) transformers loads it
+    partitioned across ranks instead of whole on each."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+
+
+def apply_lora(model: Any, lora: LoraSection) -> Any:
+    """Wrap `model` with LoRA adapters; only adapters and `modules_to_save` stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=list(lora.modules_to_save) or None,
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; under ZeRO-3 uses the full (unpartitioned) sizes."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
