@@ -113,7 +113,7 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
             fn_constructor_kwargs={"checkpoint": checkpoint, "task": cfg.task, "max_new_tokens": cfg.evaluate.max_new_tokens},
             batch_format="pyarrow",
             batch_size=cfg.evaluate.batch_size,
-            concurrency=1,
+            compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=1,
             num_gpus=1 if cfg.train.use_gpu else 0,
         )

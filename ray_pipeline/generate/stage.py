@@ -82,6 +82,8 @@ class TeacherSession:
 
     def pool(self, ds, params: dict[str, Any] | None = None, voters: bool = True):
         """`ds` with every row that needs one answered by the teacher, through an actor pool."""
+        import ray
+
         t = self.run.cfg.teacher
         specs = ask_specs(t, self.endpoint.base_url, self.endpoint.api_key, self.simulator, params, voters)
         # Blocks of a few batches: every actor of the pool gets work, even from one big file.
@@ -91,11 +93,10 @@ class TeacherSession:
             fn_constructor_kwargs={"specs": specs, "teacher": t.model_dump(mode="json"), "quota": self.quota, "cache_dir": cache_dir(self.run)},
             batch_format="pyarrow",
             batch_size=t.batch_size,
-            concurrency=t.actors,
-            num_cpus=t.num_cpus_per_actor,
             # Two blocks at once per actor: the next block's requests start while the last
             # answers of the previous one are still coming in.
-            max_concurrency=2,
+            compute=ray.data.ActorPoolStrategy(size=t.actors, max_concurrent_calls_per_actor=2),
+            num_cpus=t.num_cpus_per_actor,
         )
 
     def snapshot(self) -> dict[str, Any]:

@@ -248,6 +248,10 @@ class Simulator:
         self.fault_counts: Counter[str] = Counter()
         self.max_in_flight = self.in_flight
         self._since = self.clock()
+        # When the first request of this measurement came and the last answer left: the
+        # server's view of a client's throughput, free of the client's start-up time.
+        self.first_request_at: float | None = None
+        self.last_reply_at: float | None = None
 
     def metrics(self) -> dict[str, Any]:
         """Counts since start (or the last reset): requests, ok (well-formed completions),
@@ -267,6 +271,9 @@ class Simulator:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "elapsed_s": round(self.clock() - self._since, 3),
+            "busy_s": None
+            if self.first_request_at is None or self.last_reply_at is None
+            else round(self.last_reply_at - self.first_request_at, 4),
         }
 
     # --------------------------------------------------------------- requests
@@ -453,6 +460,8 @@ def make_app(sim: Simulator) -> web.Application:
         sim.in_flight += 1
         if sim.in_flight > sim.max_in_flight:
             sim.max_in_flight = sim.in_flight
+        if sim.first_request_at is None:
+            sim.first_request_at = sim.clock()
         try:
             r = sim.reply(await request.read(), _api_key(request.headers.get("Authorization")))
             if r.delay_s > 0:
@@ -462,6 +471,7 @@ def make_app(sim: Simulator) -> web.Application:
             )
         finally:
             sim.in_flight -= 1
+            sim.last_reply_at = sim.clock()
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response(
