@@ -21,6 +21,8 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, title: str)
         ax.plot(*zip(*val, strict=True), marker="o", label="validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss per answer token")
+    # Losses fall by orders of magnitude (random init -> near the label-noise floor).
+    ax.set_yscale("log")
     ax.set_xticks(epochs)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -1,0 +1,223 @@
+"""The train stage on a local Ray: 2 CPU workers, DeepSpeed, a tiny student, a learnable task.
+
+The dataset is the synthetic toxicity task with its rule's (clean) labels, written in the row
+schema as the curate stage writes it, so run_train reads it exactly as in a real run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
+
+from ray_pipeline.config import load_config
+from ray_pipeline.data import synthetic
+from ray_pipeline.data.manifest import content_hash, write_manifest
+from ray_pipeline.data.schema import dumps, new_row, row_id, to_table
+from ray_pipeline.runtime import Run
+from ray_pipeline.teacher.prompts import Prompt
+from ray_pipeline.train.checkpoint import META_FILE
+
+pytestmark = pytest.mark.integration
+
+PROMPT = Prompt(synthetic.PROMPT)
+
+
+def curated_run(tmp_path: Path, train: dict, n_rows: int = 240) -> Run:
+    """A run folder whose curate stage produced `n_rows` labelled comments."""
+    texts = synthetic.generate_comments(n_rows, seed=11)
+    rows = [
+        new_row(
+            id=row_id("test", t),
+            source="test",
+            input=t,
+            messages=dumps(PROMPT.messages(t)),
+            response=synthetic.format_answer(synthetic.true_label(t), t),
+            output=dumps({"toxic": int(synthetic.true_label(t))}),
+            label=synthetic.true_label(t),
+        )
+        for t in texts
+    ]
+    dataset = tmp_path / "dataset" / "train"
+    dataset.mkdir(parents=True)
+    pq.write_table(to_table(rows), dataset / "part-0.parquet")
+    manifest = write_manifest(
+        tmp_path / "dataset" / "manifest.json",
+        {"content_sha256": content_hash([(r["id"], r["label"]) for r in rows])},
+    )
+    cfg = load_config(
+        data={
+            "run": {"seed": 3},
+            "task": {
+                "name": "toxicity",
+                "prompt": {"template": synthetic.PROMPT},
+                "label_key": "toxic",
+                "labels": ["0", "1"],
+            },
+            "teacher": {"simulator": {"enabled": True, "rule": "quickstart"}},
+            "data": {"logs": [{"path": "unused.jsonl"}]},
+            "train": train,
+        }
+    )
+    (tmp_path / "report.json").write_text(
+        json.dumps({"curate": {"outputs": {"train": str(dataset), "manifest": str(manifest)}}})
+    )
+    return Run(cfg=cfg, run_id="test", dir=tmp_path)
+
+
+def held_out_accuracy(checkpoint: str, n: int = 100) -> tuple[float, float]:
+    """(student accuracy, majority-class accuracy) on new comments with gold labels."""
+    from ray_pipeline.teacher.parse import parse_structured
+    from ray_pipeline.train.student import Student
+
+    texts = synthetic.generate_comments(
+        n, seed=12, exclude=set(synthetic.generate_comments(240, seed=11))
+    )
+    gold = [synthetic.true_label(t) for t in texts]
+    answers = Student.load(checkpoint).complete(
+        [PROMPT.messages(t) for t in texts], max_new_tokens=12
+    )
+
+    def label(answer: str) -> str | None:
+        try:
+            return str(parse_structured(answer)[0]["toxic"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    correct = sum(label(a) == g for a, g in zip(answers, gold, strict=True))
+    majority = max(gold.count("0"), gold.count("1"))
+    return correct / n, majority / n
+
+
+TINY_LORA = {
+    "student": {
+        "model": "tiny",
+        "tiny": {
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "intermediate_size": 128,
+            "max_position_embeddings": 128,
+        },
+    },
+    "method": "lora",
+    "lora": {"r": 8, "alpha": 16, "modules_to_save": ["lm_head", "embed_tokens"]},
+    "learning_rate": 0.005,
+    "batch_size": 8,
+    "warmup_ratio": 0.05,
+    "max_seq_len": 96,
+    "val_fraction": 0.1,
+    "num_workers": 2,
+    "deepspeed": {"enabled": True, "zero_stage": 2},
+}
+
+
+def test_zero2_two_workers_learns_the_task(ray_local, tmp_path):
+    from ray_pipeline.train.stage import run_train
+
+    run = curated_run(tmp_path, {**TINY_LORA, "epochs": 6})
+    section = run_train(run)
+
+    m = section["metrics"]
+    assert m["train_rows"] + m["val_rows"] == 240 and 10 <= m["val_rows"] <= 40
+    assert (
+        m["epochs"],
+        section["workers"],
+        section["zero_stage"],
+        section["method"],
+        section["model"],
+    ) == (6, 2, 2, "lora", "tiny")
+    assert section["use_gpu"] is False and section["manifest"] == str(
+        tmp_path / "dataset" / "manifest.json"
+    )
+    # Each worker gets floor(rows / 2) rows per epoch, in batches of 8.
+    assert m["steps"] == 6 * -(-(m["train_rows"] // 2) // 8)
+    assert m["tokens"] > m["target_tokens"] > 0
+    history = section["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 5
+    assert m["val_loss"] == history[-1]["val_loss"] < 0.15
+    assert Path(section["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ckpt = Path(section["checkpoint"])
+    assert ckpt.is_absolute() and {p.name for p in ckpt.iterdir()} == {
+        META_FILE,
+        "adapter",
+        "base",
+        "tokenizer",
+    }
+    meta = json.loads((ckpt / META_FILE).read_text())
+    assert (
+        meta["base_model"] == "tiny" and meta["method"] == "lora" and meta["label_key"] == "toxic"
+    )
+    assert (
+        meta["dataset_content_sha256"]
+        == json.loads((tmp_path / "dataset" / "manifest.json").read_text())["content_sha256"]
+    )
+    assert meta["train"]["lora"]["r"] == 8 and meta["metrics"]["train_rows"] == m["train_rows"]
+
+    accuracy, majority = held_out_accuracy(str(ckpt))
+    assert accuracy >= 0.9 and accuracy >= majority + 0.25, (accuracy, majority)
+
+
+def test_zero3_full_finetune_of_a_pretrained_dir_saves_complete_weights(ray_local, tmp_path):
+    """ZeRO-3 shards every weight: the checkpoint must still hold each one whole. Loading a
+    model directory also takes the path users take with hub models (from_pretrained)."""
+    from ray_pipeline.config import TinyModelSection
+    from ray_pipeline.train.model import build_tiny_model
+    from ray_pipeline.train.stage import run_train
+    from ray_pipeline.train.student import Student
+    from ray_pipeline.train.tokenizer import build_tiny_tokenizer
+
+    pretrained = tmp_path / "pretrained"
+    tok = build_tiny_tokenizer(
+        synthetic.generate_comments(200, seed=1)
+        + ['{"toxic": 0}', '{"toxic": 1}', synthetic.PROMPT],
+        400,
+    )
+    build_tiny_model(tok, TinyModelSection(max_position_embeddings=128), seed=0).save_pretrained(
+        pretrained
+    )
+    tok.save_pretrained(pretrained)
+
+    run = curated_run(
+        tmp_path / "run",
+        {
+            "student": {"model": str(pretrained)},
+            "method": "full",
+            "epochs": 1,
+            "max_steps": 3,
+            "learning_rate": 0.01,
+            "batch_size": 4,
+            "max_seq_len": 96,
+            "num_workers": 2,
+            "deepspeed": {"zero_stage": 3},
+        },
+    )
+    section = run_train(run)
+    assert (
+        section["zero_stage"],
+        section["method"],
+        section["model"],
+        section["metrics"]["steps"],
+    ) == (3, "full", str(pretrained), 3)
+
+    ckpt = Path(section["checkpoint"])
+    assert {p.name for p in ckpt.iterdir()} == {META_FILE, "model", "tokenizer"}
+    saved = load_file(ckpt / "model" / "model.safetensors")
+    initial = load_file(pretrained / "model.safetensors")
+    assert saved.keys() == initial.keys()
+    for name, value in saved.items():
+        assert value.shape == initial[name].shape and value.numel() > 0, name
+    changed = [n for n in saved if not (saved[n] == initial[n]).all()]
+    assert len(changed) == len(saved), (
+        f"untrained (or unsaved) weights: {set(saved) - set(changed)}"
+    )
+
+    student = Student.load(str(ckpt))
+    reloaded = student.model.state_dict()
+    assert all((reloaded[n] == saved[n]).all() for n in saved)
+    assert len(student.complete([PROMPT.messages("You are a clown")], max_new_tokens=4)) == 1
