@@ -6,7 +6,7 @@ shuffle, the first `fraction` of it, so the 50% subset lies inside the 100% one 
 ablation compares like with like. All trials are scored on the same validation rows.
 
 Outputs under runs/<id>/sweep/: tokenizer/ and student_base/ (shared by the trials), tune/
-(Ray Tune's run folder), trials/<trial>/ (each trial's Ray Train run and checkpoint),
+(Ray Tune's run folder), trials/<trial>/checkpoint/ (each trial's student),
 trials.csv and ablation.png.
 """
 

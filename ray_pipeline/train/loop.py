@@ -26,7 +26,7 @@ from ray_pipeline.train.data import IGNORE_INDEX, pad_batch
 
 log = logging.getLogger("distill.train")
 
-CHECKPOINT_DIR_NAME = "checkpoint_final"
+CHECKPOINT_DIR_NAME = "checkpoint"  # <storage>/<run name>/checkpoint/
 
 
 class PadCollate(NumpyBatchCollateFn):

@@ -6,8 +6,8 @@ build its random weights (seeded by run.seed, so every worker starts from the sa
 Workers (``ray_pipeline.train.loop``) only train. The sweep stage reuses ``prepare`` and
 ``make_trainer``, so a sweep trial trains exactly like this stage.
 
-Outputs under runs/<id>/train/: tokenizer/, student_base/ (tiny only), ray/ (Ray Train's run
-folder; the checkpoint is ray/checkpoint_final/) and loss.png.
+runs/<id>/train/ is Ray Train's run folder; beside Ray's own files it holds checkpoint/ (the
+student), tokenizer/, student_base/ (tiny only) and loss.png.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ log = logging.getLogger("distill.train")
 # every fit, which dominate small runs and sweeps. Set before a trainer is built (Ray passes it
 # on to the controller); an explicit environment setting wins.
 HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
-RAY_RUN_NAME = "ray"
 
 
 @dataclass
@@ -263,18 +262,18 @@ def run_train(run: Run) -> dict[str, Any]:
 
     started = time.perf_counter()
     train = run.cfg.train
+    # A re-run replaces the previous one: Ray Train would otherwise take the old run folder of
+    # the same name for a run to resume.
+    shutil.rmtree(run.dir / "train", ignore_errors=True)
     out = run.stage_dir("train")
-    # A re-run replaces the previous one: Ray Train would otherwise treat the old run folder
-    # of the same name as a run to resume.
-    shutil.rmtree(out / RAY_RUN_NAME, ignore_errors=True)
     prepared = prepare(run, out)
     trainer = make_trainer(
         prepared,
         train,
         prepared.train_examples,
         num_workers=train.num_workers,
-        storage_path=out,
-        name=RAY_RUN_NAME,
+        storage_path=run.dir,
+        name="train",
         seed=run.cfg.run.seed,
     )
     fit_started = time.perf_counter()
