@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,11 +116,13 @@ def _load_model(job: Job, ds_config: dict[str, Any] | None) -> Any:
     if ds_config is not None and train.deepspeed.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weakref to it
+        # transformers (and PEFT, copying modules_to_save) see ZeRO-3 through a weakref to
+        # this object: it must live until the model is built.
+        keep_alive = HfDeepSpeedConfig(ds_config)
     model = load_pretrained(job.model_source, weights_dtype(train))
-    del keep_alive
     if train.method == "lora":
         model = apply_lora(model, train.lora)
+    del keep_alive
     return model
 
 
@@ -299,12 +302,22 @@ def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
 
 
 def _batch_counts(batch: dict[str, Any]) -> tuple[int, int, int]:
-    """(examples, non-pad tokens, loss tokens) of a batch. The loss tokens are the labels
-    after the causal shift (HF drops each sequence's first label), i.e. what the loss averages."""
+    """(examples, non-pad tokens, loss tokens) of a batch, counted on the CPU copy (no device
+    sync). The loss tokens are the labels after the causal shift (HF drops each sequence's
+    first label), i.e. what the loss averages over."""
     examples = int(batch["input_ids"].shape[0])
     tokens = int(batch["attention_mask"].sum())
     target = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return examples, tokens, target
+
+
+def _batches(
+    shard: Any, collate: PadCollate, batch_size: int, device: Any, **shuffle: Any
+) -> Iterator[tuple[dict[str, Any], tuple[int, int, int]]]:
+    """(batch on device, its counts) from a worker's dataset shard."""
+    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, **shuffle):
+        counts = _batch_counts(batch)
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, counts
 
 
 # ---------------------------------------------------------------------- train / eval
@@ -315,16 +328,13 @@ def _evaluate(
     import torch
 
     engine.set_train(False)
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(
-            batch_size=batch_size, collate_fn=collate, device=engine.device
-        ):
-            _, _, n = _batch_counts(batch)
-            loss_sum += float(engine.eval_loss(batch)) * n
+        for batch, (_, _, n) in _batches(shard, collate, batch_size, engine.device):
+            loss_sum += engine.eval_loss(batch).double() * n
             tokens += n
     engine.set_train(True)
-    total_loss, total_tokens = _all_reduce_sum([loss_sum, tokens], engine.device)
+    total_loss, total_tokens = _all_reduce_sum([float(loss_sum), tokens], engine.device)
     return total_loss / total_tokens if total_tokens else None
 
 
@@ -350,30 +360,32 @@ def _train_epoch(
 ) -> dict[str, Any]:
     """One pass over this worker's shard (or until max_steps); returns the epoch's metrics,
     summed over all workers."""
+    import torch
+
     train = job.train
     engine.set_train(True)
     started = window_start = time.perf_counter()
-    loss_sum = examples = tokens = target = 0
-    window_loss, window_n, window_examples = 0.0, 0, 0
-    batches = shard.iter_torch_batches(
-        batch_size=train.batch_size,
-        collate_fn=collate,
-        device=engine.device,
+    # Losses are summed on the device and read back only when logged: reading one per step
+    # would stall a GPU on every step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    window_loss = torch.zeros_like(loss_sum)
+    examples = tokens = target = window_n = window_examples = 0
+    batches = _batches(
+        shard,
+        collate,
+        train.batch_size,
+        engine.device,
         # Each epoch (and worker) sees its rows in a different, reproducible order.
         local_shuffle_buffer_size=train.batch_size * 8,
         local_shuffle_seed=job.seed * 1_000_003 + epoch * 1009 + rank,
     )
-    for batch in batches:
-        n_ex, n_tok, n_target = _batch_counts(batch)
+    for batch, (n_ex, n_tok, n_target) in batches:
         loss, stepped = engine.train_step(batch)
-        loss_value = float(loss)
-        loss_sum += loss_value * n_target
+        weighted = loss.double() * n_target
+        loss_sum += weighted
+        window_loss += weighted
         examples, tokens, target = examples + n_ex, tokens + n_tok, target + n_target
-        window_loss, window_n, window_examples = (
-            window_loss + loss_value * n_target,
-            window_n + n_target,
-            window_examples + n_ex,
-        )
+        window_n, window_examples = window_n + n_target, window_examples + n_ex
         if not stepped:
             continue
         progress.steps += 1
@@ -384,16 +396,17 @@ def _train_epoch(
                 epoch + 1,
                 progress.steps,
                 job.total_steps,
-                window_loss / max(window_n, 1),
+                float(window_loss) / max(window_n, 1),
                 engine.lr(),
                 window_examples / max(elapsed, 1e-9),
             )
-            window_loss, window_n, window_examples, window_start = 0.0, 0, 0, time.perf_counter()
+            window_loss.zero_()
+            window_n, window_examples, window_start = 0, 0, time.perf_counter()
         if train.max_steps and progress.steps >= train.max_steps:
             break
     seconds = time.perf_counter() - started
     loss_sum, examples, tokens, target = _all_reduce_sum(
-        [loss_sum, examples, tokens, target], engine.device
+        [float(loss_sum), examples, tokens, target], engine.device
     )
     progress.examples += int(examples)
     progress.tokens += int(tokens)
