@@ -218,3 +218,28 @@ def test_zero3_weights_are_gathered_before_saving(tokenizer, tmp_path, monkeypat
             assert torch.equal(reloaded.state_dict()[name], value), name
     finally:
         dist.destroy_process_group()
+
+
+def test_lora_on_a_pretrained_base_references_it(tokenizer, tmp_path):
+    """A hub (or local) base is not copied: the adapter is loaded onto meta['base_model']."""
+    pretrained = tmp_path / "pretrained"
+    build_tiny_model(tokenizer, TINY, seed=7).save_pretrained(pretrained)
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraSection(r=4, alpha=8, modules_to_save=["lm_head"])
+    model = _train_a_little(
+        apply_lora(AutoModelForCausalLM.from_pretrained(pretrained), lora), tokenizer
+    )
+    expected = _reference_answers(model, tokenizer)
+    state = gathered_state_dict(model, trainable_only=True, zero3=False, writer=True)
+    assert state and all(("lora_" in n or "modules_to_save" in n) for n in state)
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt",
+        model=model,
+        state_dict=state,
+        tokenizer=tokenizer,
+        method="lora",
+        meta={"base_model": str(pretrained)},
+    )
+    assert {p.name for p in ckpt.iterdir()} == {META_FILE, "adapter", "tokenizer"}
+    assert Student.load(ckpt, device="cpu").complete(PROMPTS, max_new_tokens=8) == expected

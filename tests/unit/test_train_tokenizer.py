@@ -81,3 +81,15 @@ def test_save_and_reload_keeps_everything(tok, tmp_path):
 def test_corpus_holds_messages_and_targets():
     ex = Example(id="a", messages=[{"role": "user", "content": "hello"}], target='{"toxic": 0}')
     assert list(tokenizer_corpus([ex])) == ["hello", '{"toxic": 0}']
+
+
+def test_hub_tokenizer_without_template_or_pad_gets_both(tmp_path):
+    base = build_tiny_tokenizer(CORPUS, vocab_size=300)
+    base.chat_template = None
+    base.pad_token = None
+    base.save_pretrained(tmp_path)
+    tok = load_hub_tokenizer(str(tmp_path))
+    assert tok.pad_token_id == tok.eos_token_id  # padding is masked out of the loss anyway
+    assert (
+        render_prompt(tok, [{"role": "user", "content": "hi"}]) == "<|user|>\nhi\n<|assistant|>\n"
+    )
