@@ -198,11 +198,12 @@ class RateLimitSection(Section):
     lease_size: int = Field(
         16, gt=0, description="Request slots an actor takes from the shared limiter at a time."
     )
-    storm_share: float = Field(
+    storm_share: float | None = Field(
         0.3,
         gt=0,
         le=1,
-        description="Share of 429 answers in the last storm_window_s that pauses the whole pool.",
+        description="Share of 429 answers in the last storm_window_s that pauses the whole pool "
+        "and lowers its rate (null: never; each 429 then only delays its own request).",
     )
     storm_window_s: float = Field(5.0, gt=0, description="Window in which 429s are counted.")
 

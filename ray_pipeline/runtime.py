@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,6 +25,9 @@ class Run:
     cfg: DistillConfig
     run_id: str
     dir: Path
+    # The run's teacher quota actor (budget, rate limits, progress), shared by the stages of
+    # this invocation; created by the first stage that calls the teacher.
+    quota: Any = None
 
     def stage_dir(self, stage: str) -> Path:
         path = self.dir / stage
@@ -57,7 +61,8 @@ def init_ray(cfg: DistillConfig, address: str | None = None) -> None:
         # applies; ray.runtime_env is for joining a cluster from outside a job.
         ray.init(address=address, runtime_env=cfg.ray.runtime_env or None, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": always a new embedded cluster, never one that happens to run here.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     log.info("ray: %s", ray.cluster_resources())
 
 

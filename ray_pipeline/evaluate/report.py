@@ -70,7 +70,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         if ev.get("plot"):
             out += [f"![accuracy]({Path(ev['plot']).name})", ""]
     if gen := report.get("generate"):
-        out += ["## Generate", "", _table(["rows", "ok", "failed", "teacher calls", "recorded", "prompt tokens", "completion tokens", "seconds"], [[gen["rows"], gen["status"].get("ok", 0), gen["status"].get("failed", 0), gen["teacher_calls"], gen["recorded_responses"], gen["prompt_tokens"], gen["completion_tokens"], gen["seconds"]]]), ""]
+        out += ["## Generate", "", _table(["rows", "ok", "failed", "teacher calls", "cache hits", "recorded in logs", "prompt tokens", "completion tokens", "cost (USD)", "seconds"], [[gen["rows"], gen["status"].get("ok", 0), gen["status"].get("failed", 0), gen["teacher_calls"], gen.get("cache_hits", 0), gen["recorded_responses"], gen["prompt_tokens"], gen["completion_tokens"], gen.get("cost_usd", 0.0), gen["seconds"]]]), ""]
+        if gen.get("budget_stop"):
+            out += [f"**Stopped by the budget**: {gen['budget_stop']}", ""]
         if gen.get("reasons"):
             out += [_table(["reason", "rows"], sorted(gen["reasons"].items())), ""]
     if cur := report.get("curate"):

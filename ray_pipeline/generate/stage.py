@@ -73,12 +73,13 @@ class TeacherSession:
         limits = {spec.endpoint: {} for spec in ask_specs(t, endpoint.base_url, endpoint.api_key, self.simulator)}
         main = ask_specs(t, endpoint.base_url, endpoint.api_key, self.simulator, voters=False)[0]
         limits[main.endpoint] = {"rpm": t.rate_limit.rpm, "tpm": t.rate_limit.tpm}
-        # One quota per run, shared by every stage and actor that calls the teacher.
-        self.quota = (
-            ray.remote(Quota)
-            .options(name=f"distill-quota-{run.run_id}", get_if_exists=True, num_cpus=0)
-            .remote(limits, t.budget.max_cost_usd, t.budget.max_tokens, t.rate_limit.storm_share, t.rate_limit.storm_window_s)
-        )
+        # One quota per invocation, shared by every stage and actor that calls the teacher
+        # (a new invocation, e.g. with a bigger budget, starts from its own config).
+        if run.quota is None:
+            run.quota = ray.remote(Quota).options(num_cpus=0).remote(
+                limits, t.budget.max_cost_usd, t.budget.max_tokens, t.rate_limit.storm_share, t.rate_limit.storm_window_s
+            )
+        self.quota = run.quota
 
     def pool(self, ds, params: dict[str, Any] | None = None, voters: bool = True):
         """`ds` with every row that needs one answered by the teacher, through an actor pool."""

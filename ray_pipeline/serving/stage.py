@@ -44,7 +44,9 @@ def deploy(app, name: str, timeout_s: float = 300.0, poll_s: float = 0.25) -> No
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
-    serve.run_many([serve.RunTarget(target=app, name=name, route_prefix="/")], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    # Replicas log warnings only: the request log is ours (serve/requests.jsonl), not theirs.
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}
+    serve.run_many([serve.RunTarget(target=app, name=name, route_prefix="/", logging_config=quiet)], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     deadline = time.monotonic() + timeout_s
     while True:
         st = serve.status().applications.get(name)

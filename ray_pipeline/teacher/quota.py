@@ -22,6 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# A storm needs evidence: this many answers over at least this long (a handful of 429s in the
+# first milliseconds says nothing about the rate the server accepts).
+MIN_STORM_EVENTS = 20
+MIN_STORM_SPAN_S = 0.25
+
+
 class BudgetExhausted(Exception):
     """The run's cost or token budget is spent: no more teacher calls."""
 
@@ -29,8 +35,9 @@ class BudgetExhausted(Exception):
 @dataclass
 class Lease:
     delays: list[float]  # seconds from now at which each granted request may start
-    stop: str | None = None  # why fewer than asked were granted (budget), if so
+    stop: str | None = None  # the budget is spent: no more leases
     paused_for: float = 0.0  # pool-wide pause in force, seconds from now
+    tight: bool = False  # fewer granted than asked: the budget is nearly spent
 
 
 @dataclass
@@ -51,7 +58,7 @@ class Quota:
         limits: dict[str, dict[str, float | None]],
         max_cost_usd: float | None = None,
         max_tokens: int | None = None,
-        storm_share: float = 0.3,
+        storm_share: float | None = 0.3,
         storm_window_s: float = 5.0,
         burst_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -78,7 +85,10 @@ class Quota:
 
     # -------------------------------------------------------------------------- leases
     def lease(self, endpoint: str, k: int, est_tokens: int, est_cost: float) -> Lease:
-        """Grant up to `k` request starts on `endpoint`, reserving their estimated cost."""
+        """Grant up to `k` request starts on `endpoint`, reserving their estimated cost.
+
+        Fewer than `k` (maybe none) while the budget left is held by requests in flight;
+        none, with ``stop`` set, once the budget is spent with nothing left in flight."""
         now = self.clock()
         ep = self.endpoints[endpoint]
         granted = self._budget_room(k, est_tokens, est_cost)
@@ -95,7 +105,7 @@ class Quota:
             ep.next_free = max(ep.next_free, t) + interval
             delays.append(t - now)
         self.counters["leases"] += 1
-        return Lease(delays, self.budget_stop if granted < k else None, max(0.0, ep.paused_until - now))
+        return Lease(delays, self.budget_stop, max(0.0, ep.paused_until - now), tight=granted < k)
 
     def _interval(self, ep: EndpointSchedule, est_tokens: int) -> float:
         rates = []  # seconds per request implied by each limit
@@ -110,17 +120,19 @@ class Quota:
     def _budget_room(self, k: int, est_tokens: int, est_cost: float) -> int:
         if self.budget_stop:
             return 0
-        room = k
+        room, limit = k, None
         if self.max_cost_usd is not None and est_cost > 0:
-            left = self.max_cost_usd - self.spent_cost - self.reserved_cost
-            room = min(room, max(0, int(left // est_cost)))
-            if room < k:
-                self.budget_stop = f"max_cost_usd {self.max_cost_usd} reached (spent {self.spent_cost:.4f})"
+            fits = int(max(0.0, self.max_cost_usd - self.spent_cost - self.reserved_cost) // est_cost)
+            if fits < room:
+                room, limit = fits, f"max_cost_usd {self.max_cost_usd} reached (spent {self.spent_cost:.4f})"
         if self.max_tokens is not None and est_tokens > 0:
-            left = self.max_tokens - self.spent_tokens - self.reserved_tokens
-            room = min(room, max(0, int(left // est_tokens)))
-            if room < k and not self.budget_stop:
-                self.budget_stop = f"max_tokens {self.max_tokens} reached (spent {self.spent_tokens})"
+            fits = max(0, self.max_tokens - self.spent_tokens - self.reserved_tokens) // est_tokens
+            if fits < room:
+                room, limit = fits, f"max_tokens {self.max_tokens} reached (spent {self.spent_tokens})"
+        # Requests in flight may cost less than reserved and give budget back: stop only
+        # when none is left to come back.
+        if room == 0 and limit and self.reserved_cost <= 1e-12 and self.reserved_tokens == 0:
+            self.budget_stop = limit
         return room
 
     def settle(self, reserved_tokens: int, reserved_cost: float, tokens: int, cost: float, counters: dict[str, int] | None = None) -> None:
@@ -134,29 +146,37 @@ class Quota:
 
     # ------------------------------------------------------------------ 429s and storms
     def outcomes(self, endpoint: str, ok: int, rate_limited: int, retry_after_s: float | None) -> float:
-        """Record responses; on a storm pause the pool and cap the rate. Returns the pause
-        (seconds from now) now in force on the endpoint."""
+        """Record responses; on a storm pause the pool and lower its rate. Returns the pause
+        (seconds from now) in force on the endpoint."""
         now = self.clock()
         ep = self.endpoints[endpoint]
-        for _ in range(ok):
-            ep.events.append((now, False))
-        for _ in range(rate_limited):
-            ep.events.append((now, True))
+        ep.events.extend([(now, False)] * ok + [(now, True)] * rate_limited)
         while ep.events and ep.events[0][0] < now - self.storm_window_s:
             ep.events.popleft()
         n = len(ep.events)
         n429 = sum(1 for _, r in ep.events if r)
-        if rate_limited and n >= 5 and n429 / n >= self.storm_share and now >= ep.paused_until:
+        span = now - ep.events[0][0] if ep.events else 0.0
+        storm = (
+            self.storm_share is not None
+            and rate_limited
+            and n >= MIN_STORM_EVENTS
+            and span >= MIN_STORM_SPAN_S
+            and n429 / n >= self.storm_share
+            and now >= ep.paused_until
+        )
+        if storm:
             self.storms += 1
-            pause = retry_after_s if retry_after_s is not None else 1.0
-            ep.paused_until = now + pause
-            through = (n - n429) / self.storm_window_s  # requests/s the server accepted
-            ep.rate_cap = max(through, 0.5)
+            ep.paused_until = now + (retry_after_s if retry_after_s is not None else 1.0)
+            # Lower the rate to what the server accepted, but to no less than a quarter of what
+            # was attempted (a short window can undercount what gets through); repeated storms
+            # keep lowering it until 429s are sporadic.
+            accepted, attempted = (n - n429) / span, n / span
+            current = min(ep.rate_cap or attempted, attempted)
+            ep.rate_cap = max(accepted, current / 4, 1.0)
             ep.events.clear()
-        elif ep.rate_cap and n and n429 == 0 and (now - ep.events[0][0]) >= self.storm_window_s * 0.9:
-            ep.rate_cap *= 1.1  # quiet window: recover towards the configured limit
-            limit = ep.rpm / 60 if ep.rpm else None
-            if limit and ep.rate_cap >= limit:
+        elif ep.rate_cap and n and n429 == 0 and now - ep.events[0][0] >= self.storm_window_s / 2:
+            ep.rate_cap *= 1.25  # a quiet half-window: recover towards the configured limit
+            if ep.rpm and ep.rate_cap >= ep.rpm / 60:
                 ep.rate_cap = None
             ep.events.clear()
         return max(0.0, ep.paused_until - now)
@@ -197,7 +217,11 @@ class LeaseGate:
         self._lock = asyncio.Lock()
         self._paused_until = 0.0
         self._stop: str | None = None
+        self._tight = False
         self._ok = 0
+        self._n429 = 0
+        self._retry_after: float | None = None
+        self._reporting = False
         self._released = 0
         self._tokens = 0
         self._cost = 0.0
@@ -219,8 +243,13 @@ class LeaseGate:
                 lease: Lease = await self._call("lease", self.endpoint, self.lease_size, self.est_tokens, self.est_cost)
                 now = time.monotonic()
                 self._paused_until = max(self._paused_until, now + lease.paused_for)
-                self._slots.extend(now + d for d in lease.delays)
+                self._slots.extend(now + d for d in lease.delays)  # already after the pause
                 self._stop = lease.stop
+                self._tight = lease.tight
+                if not lease.delays and not lease.stop:
+                    # What is left of the budget is reserved by requests in flight: wait for
+                    # them to settle (with their real, usually lower, cost) and ask again.
+                    await asyncio.sleep(0.05)
             start = self._slots.popleft()
         wait = max(start, self._paused_until) - time.monotonic()
         if wait > 0:
@@ -234,13 +263,31 @@ class LeaseGate:
         self._ok += ok
 
     async def rate_limited(self, retry_after_s: float | None) -> None:
-        """A 429 ended an attempt: release its slot and tell the quota at once, so that a
-        storm pauses the whole pool quickly."""
+        """A 429 ended an attempt: release its slot and tell the quota now (a storm must pause
+        the whole pool quickly), together with the other 429s that arrive meanwhile: one
+        report in flight per actor, so a flood of 429s is not a flood of actor calls."""
         self.release(ok=False)
         self._counters["rate_limited"] += 1
-        ok, self._ok = self._ok, 0
-        pause = await self._call("outcomes", self.endpoint, ok, 1, retry_after_s)
-        self._paused_until = max(self._paused_until, time.monotonic() + pause)
+        self._n429 += 1
+        self._retry_after = retry_after_s
+        if self._reporting:
+            return
+        self._reporting = True
+        try:
+            while self._n429:
+                ok, n429, hint = self._ok, self._n429, self._retry_after
+                self._ok = self._n429 = 0
+                self._pause(await self._call("outcomes", self.endpoint, ok, n429, hint))
+        finally:
+            self._reporting = False
+
+    def _pause(self, pause: float) -> None:
+        """The pool is paused (a storm): slots leased before it were timed for a rate the
+        server refuses, so they are given back and the next attempt leases anew."""
+        if pause > 0:
+            self._paused_until = max(self._paused_until, time.monotonic() + pause)
+            self._released += len(self._slots)
+            self._slots.clear()
 
     def count(self, **counters: int) -> None:
         self._counters.update(counters)
@@ -249,15 +296,19 @@ class LeaseGate:
         # Take the pending numbers before awaiting: other requests keep adding to them.
         ok, self._ok = self._ok, 0
         if ok:
-            pause = await self._call("outcomes", self.endpoint, ok, 0, None)
-            self._paused_until = max(self._paused_until, time.monotonic() + pause)
+            self._pause(await self._call("outcomes", self.endpoint, ok, 0, None))
         n, tokens, cost, counters = self._released, self._tokens, self._cost, self._counters
         self._released, self._tokens, self._cost, self._counters = 0, 0, 0.0, Counter()
         if n or counters:
             await self._call("settle", n * self.est_tokens, n * self.est_cost, tokens, cost, dict(counters))
 
     async def flush(self) -> None:
+        """Report what is pending; when the budget is nearly spent also give back the slots
+        not used yet, so that an idle actor does not sit on budget another one needs."""
         async with self._lock:
+            if self._tight:
+                self._released += len(self._slots)
+                self._slots.clear()
             await self._flush()
 
     async def close(self) -> None:

@@ -42,40 +42,71 @@ def test_no_limits_means_no_waiting():
     assert q.lease("e", 5, 100, 0.0).delays == [0.0] * 5
 
 
-def test_budget_reserves_and_stops():
+def test_no_storm_without_evidence_or_when_disabled():
+    clock = Clock()
+    q = Quota({"e": {}}, clock=clock)
+    assert q.outcomes("e", 0, 50, 1.0) == 0.0  # 50 429s in no time: too little to judge
+    off = Quota({"e": {}}, storm_share=None, clock=clock)
+    off.outcomes("e", 0, 10, 1.0)
+    clock.t += 1
+    assert off.outcomes("e", 0, 100, 1.0) == 0.0 and off.storms == 0
+
+
+def test_budget_reserves_and_stops_once_nothing_can_come_back():
     q = Quota({"e": {}}, max_cost_usd=1.0, clock=Clock())
     first = q.lease("e", 3, 10, 0.3)
-    assert len(first.delays) == 3 and first.stop is None
-    second = q.lease("e", 3, 10, 0.3)  # 0.9 reserved: nothing more fits
-    assert second.delays == [] and "max_cost_usd 1.0 reached" in second.stop
-    q.settle(30, 0.9, 30, 0.6, {"rows_done": 3})  # the real calls cost less, but the stop stays
-    assert q.lease("e", 1, 10, 0.3).delays == []
+    assert len(first.delays) == 3 and first.stop is None and not first.tight
+    second = q.lease("e", 3, 10, 0.3)  # 0.9 reserved: nothing more fits for now
+    assert second.delays == [] and second.stop is None and second.tight
+    q.settle(30, 0.9, 30, 0.3, {"rows_done": 3})  # the calls cost less than reserved
+    third = q.lease("e", 3, 10, 0.3)
+    assert len(third.delays) == 2 and third.tight  # 0.7 left: two more fit
+    q.settle(20, 0.6, 20, 0.6, {"rows_done": 2})
+    last = q.lease("e", 3, 10, 0.3)  # 0.1 left, nothing in flight: the budget is spent
+    assert last.delays == [] and "max_cost_usd 1.0 reached (spent 0.9000)" in last.stop
     snap = q.snapshot()
-    assert snap["cost_usd"] == pytest.approx(0.6) and snap["rows_done"] == 3 and snap["budget_stop"]
+    assert snap["cost_usd"] == pytest.approx(0.9) and snap["rows_done"] == 5 and snap["budget_stop"]
 
 
 def test_token_budget():
     q = Quota({"e": {}}, max_tokens=250, clock=Clock())
     assert len(q.lease("e", 5, 100, 0.0).delays) == 2
-    assert "max_tokens 250 reached" in q.snapshot()["budget_stop"]
+    q.settle(200, 0.0, 200, 0.0)
+    assert q.lease("e", 5, 100, 0.0).delays == [] and "max_tokens 250 reached" in q.snapshot()["budget_stop"]
 
 
 def test_sporadic_429s_do_not_pause_but_a_storm_does():
     clock = Clock()
     q = Quota({"e": {"rpm": 6000}}, storm_share=0.3, storm_window_s=5.0, burst_s=0.0, clock=clock)
     assert q.outcomes("e", 90, 0, None) == 0.0
+    clock.t += 2
     assert q.outcomes("e", 0, 10, 1.0) == 0.0  # 10% of the window: only those requests wait
-    pause = q.outcomes("e", 0, 40, 2.0)  # 50/140 >= 30%: a storm
+    pause = q.outcomes("e", 0, 40, 2.0)  # 50 of 140 in 2 s: a storm
     assert pause == pytest.approx(2.0) and q.storms == 1
     lease = q.lease("e", 2, 1, 0.0)
     assert lease.paused_for == pytest.approx(2.0) and min(lease.delays) >= 2.0
-    # The rate is capped at what got through (90 ok in 5 s = 18/s), then recovers.
-    assert q.endpoints["e"].rate_cap == pytest.approx(18.0)
-    clock.t += 3
-    q.outcomes("e", 5, 0, None)
-    clock.t += 5
-    q.outcomes("e", 5, 0, None)
-    assert q.endpoints["e"].rate_cap == pytest.approx(19.8)
+    # 90 accepted, 140 attempted in 2 s: the rate goes to max(accepted 45/s, 70/s / 4).
+    assert q.endpoints["e"].rate_cap == pytest.approx(45.0)
+    assert q.outcomes("e", 0, 5, 1.0) == pytest.approx(2.0)  # no second storm during the pause
+
+
+def test_repeated_storms_lower_the_rate_then_quiet_windows_recover_it():
+    clock = Clock()
+    q = Quota({"e": {"rpm": 600}}, storm_share=0.3, storm_window_s=4.0, clock=clock)
+    q.outcomes("e", 10, 0, None)
+    clock.t += 1
+    q.outcomes("e", 0, 90, 0.5)  # 100 attempted/s, 10 accepted/s
+    assert q.endpoints["e"].rate_cap == pytest.approx(25.0)
+    clock.t += 1
+    q.outcomes("e", 10, 0, None)
+    clock.t += 1
+    q.outcomes("e", 0, 40, 0.5)  # 50 attempted/s, still 10 accepted/s
+    assert q.endpoints["e"].rate_cap == pytest.approx(10.0) and q.storms == 2  # what got through
+    for _ in range(4):  # quiet half-windows
+        q.outcomes("e", 5, 0, None)
+        clock.t += 2.5
+        q.outcomes("e", 5, 0, None)
+    assert q.endpoints["e"].rate_cap is None  # back at the configured 10/s
 
 
 def test_gate_accounts_slots_and_reports_progress():
@@ -102,6 +133,8 @@ def test_gate_raises_when_the_budget_is_spent():
         gate = LeaseGate(q, "e", lease_size=4, est_tokens=10, est_cost=0.1)
         await gate.acquire()
         await gate.acquire()
+        gate.release(10, 0.1)
+        gate.release(10, 0.1)
         with pytest.raises(BudgetExhausted, match="max_cost_usd"):
             await gate.acquire()
 
