@@ -38,7 +38,7 @@ def load_app(import_path: str, args: dict[str, Any]):
     return app
 
 
-def deploy(app, name: str, timeout_s: float = 300.0, poll_s: float = 0.25) -> None:
+def deploy(app, name: str, route_prefix: str = "/", timeout_s: float = 300.0, poll_s: float = 0.25) -> None:
     """Deploy and wait until RUNNING; fail (and free the route) on DEPLOY_FAILED, UNHEALTHY
     or timeout: `serve.run` alone would wait forever for a replica that cannot be placed."""
     from ray import serve
@@ -46,7 +46,7 @@ def deploy(app, name: str, timeout_s: float = 300.0, poll_s: float = 0.25) -> No
 
     # Replicas log warnings only: the request log is ours (serve/requests.jsonl), not theirs.
     quiet = {"enable_access_log": False, "log_level": "WARNING"}
-    serve.run_many([serve.RunTarget(target=app, name=name, route_prefix="/", logging_config=quiet)], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    serve.run_many([serve.RunTarget(target=app, name=name, route_prefix=route_prefix, logging_config=quiet)], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     deadline = time.monotonic() + timeout_s
     while True:
         st = serve.status().applications.get(name)

@@ -49,6 +49,10 @@ class TeacherCallError(Exception):
         self.status_code = status_code
         self.attempts = attempts
 
+    def __reduce__(self):
+        # Crosses process boundaries (Ray tasks, Serve replicas) with all its fields.
+        return (TeacherCallError, (str(self), self.error_class, self.status_code, self.attempts))
+
 
 def retry_after_s(headers: Any) -> float | None:
     """Seconds the server asked us to wait (``retry-after-ms`` or ``retry-after``), if any."""

@@ -25,3 +25,4 @@ def test_put_get_is_durable_and_atomic(tmp_path):
     assert len(cache) == 1
     leftovers = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.suffix == ".tmp"]
     assert leftovers == [] and os.listdir(tmp_path / "c")
+
