@@ -46,7 +46,19 @@ KEY_ENV = "DISTILL_BENCH_KEY"
 def start_simulator(tmp: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     ready = tmp / f"sim-{time.monotonic_ns()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ray_pipeline.cli", "teacher-sim", "--rule", "quickstart", "--port", "0", "--ready-file", str(ready), *flags],
+        [
+            sys.executable,
+            "-m",
+            "ray_pipeline.cli",
+            "teacher-sim",
+            "--rule",
+            "quickstart",
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+            *flags,
+        ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
@@ -76,8 +88,19 @@ def stage_run(url: str, logs: Path, out: Path, run_id: str, teacher: dict) -> di
     cfg = load_config(
         data={
             "run": {"name": "bench", "output_dir": str(out), "run_id": run_id},
-            "task": {"prompt": {"template": synthetic.PROMPT}, "label_key": "toxic", "labels": ["0", "1"]},
-            "teacher": {"base_url": url, "model": "sim-teacher", "api_key_env": KEY_ENV, "max_tokens": 16, "cache": {"dir": str(out / "cache")}, **teacher},
+            "task": {
+                "prompt": {"template": synthetic.PROMPT},
+                "label_key": "toxic",
+                "labels": ["0", "1"],
+            },
+            "teacher": {
+                "base_url": url,
+                "model": "sim-teacher",
+                "api_key_env": KEY_ENV,
+                "max_tokens": 16,
+                "cache": {"dir": str(out / "cache")},
+                **teacher,
+            },
             "data": {"logs": [{"path": str(logs)}]},
         }
     )
@@ -107,12 +130,20 @@ def bare_client(url: str, texts: list[str], concurrency: int) -> dict:
     prompt = Prompt(synthetic.PROMPT)
 
     async def main() -> int:
-        client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, http_client=openai.DefaultAioHttpClient())
+        client = openai.AsyncOpenAI(
+            base_url=url, api_key="bench", max_retries=0, http_client=openai.DefaultAioHttpClient()
+        )
         sem = asyncio.Semaphore(concurrency)
 
         async def one(text: str) -> None:
             async with sem:
-                await client.chat.completions.create(model="sim-teacher", messages=prompt.messages(text), temperature=0.0, max_tokens=16, n=1)
+                await client.chat.completions.create(
+                    model="sim-teacher",
+                    messages=prompt.messages(text),
+                    temperature=0.0,
+                    max_tokens=16,
+                    n=1,
+                )
 
         await asyncio.gather(*(one(t) for t in texts))
         await client.close()
@@ -123,21 +154,30 @@ def bare_client(url: str, texts: list[str], concurrency: int) -> dict:
     n = asyncio.run(main())
     wall = time.perf_counter() - started
     m = sim(url, "/metrics")
-    return {"rows": n, "busy_s": m["busy_s"], "rows_per_s": n / m["busy_s"], "wall_s": round(wall, 2)}
+    return {
+        "rows": n,
+        "busy_s": m["busy_s"],
+        "rows_per_s": n / m["busy_s"],
+        "wall_s": round(wall, 2),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=10_000, help="rows of the throughput scenarios")
     ap.add_argument("--rate-limited-rows", type=int, default=2_000)
-    ap.add_argument("--rpm-cap", type=float, default=6_000.0, help="RPM cap of the rate-limited scenario")
+    ap.add_argument(
+        "--rpm-cap", type=float, default=6_000.0, help="RPM cap of the rate-limited scenario"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ[KEY_ENV] = "bench"
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     result: dict = {}
     procs = []
@@ -151,19 +191,59 @@ def main() -> None:
             proc, url = start_simulator(tmp, "--latency-ms", "20")
             procs.append(proc)
             bare = bare_client(url, texts, 256)
-            peak = stage_run(url, logs, tmp / "peak", "peak", {"actors": 2, "per_actor_concurrency": 128, "batch_size": 128})
-            rerun = stage_run(url, logs, tmp / "peak", "peak-rerun", {"actors": 2, "per_actor_concurrency": 128, "batch_size": 128})
+            peak = stage_run(
+                url,
+                logs,
+                tmp / "peak",
+                "peak",
+                {"actors": 2, "per_actor_concurrency": 128, "batch_size": 128},
+            )
+            rerun = stage_run(
+                url,
+                logs,
+                tmp / "peak",
+                "peak-rerun",
+                {"actors": 2, "per_actor_concurrency": 128, "batch_size": 128},
+            )
             # Latency-bound: 200 ms, 64 in flight.
             proc, url = start_simulator(tmp, "--latency-ms", "200")
             procs.append(proc)
-            slow = stage_run(url, logs, tmp / "slow", "slow", {"actors": 2, "per_actor_concurrency": 32, "batch_size": 32})
+            slow = stage_run(
+                url,
+                logs,
+                tmp / "slow",
+                "slow",
+                {"actors": 2, "per_actor_concurrency": 32, "batch_size": 32},
+            )
             # Rate-limited: an RPM cap shared by the pool, 10% of requests answered 429.
             limited_texts = texts[: args.rate_limited_rows]
             limited_logs = tmp / "limited.jsonl"
             write_logs(limited_logs, limited_texts)
-            proc, url = start_simulator(tmp, "--latency-ms", "50", "--rate-429", "0.1", "--retry-after", "1", "--rpm-per-key", str(args.rpm_cap * 1.1))
+            proc, url = start_simulator(
+                tmp,
+                "--latency-ms",
+                "50",
+                "--rate-429",
+                "0.1",
+                "--retry-after",
+                "1",
+                "--rpm-per-key",
+                str(args.rpm_cap * 1.1),
+            )
             procs.append(proc)
-            limited = stage_run(url, limited_logs, tmp / "limited", "limited", {"actors": 2, "per_actor_concurrency": 32, "batch_size": 32, "rate_limit": {"rpm": args.rpm_cap}, "max_attempts": 8})
+            limited = stage_run(
+                url,
+                limited_logs,
+                tmp / "limited",
+                "limited",
+                {
+                    "actors": 2,
+                    "per_actor_concurrency": 32,
+                    "batch_size": 32,
+                    "rate_limit": {"rpm": args.rpm_cap},
+                    "max_attempts": 8,
+                },
+            )
         finally:
             for p in procs:
                 p.terminate()
@@ -182,7 +262,13 @@ def main() -> None:
         "rate_limit_rows_per_s": cap,
         "rate_limited_ratio": round(limited["rows_per_s"] / cap, 3),
         "rerun_calls": rerun["requests"],
-        "runs": {"slow_200ms_c64": slow, "peak_20ms_c256": peak, "bare_client_20ms_c256": bare, "rerun": rerun, "rate_limited": limited},
+        "runs": {
+            "slow_200ms_c64": slow,
+            "peak_20ms_c256": peak,
+            "bare_client_20ms_c256": bare,
+            "rerun": rerun,
+            "rate_limited": limited,
+        },
     }
     ray.shutdown()
     print(json.dumps(result, indent=2))

@@ -17,7 +17,9 @@ def job_main(stage: str) -> None:
     parser.add_argument("--run-id")
     parser.add_argument("--address")
     if stage == "generate":
-        parser.add_argument("--retry-failed", action="store_true", help="re-send only the rows the teacher failed")
+        parser.add_argument(
+            "--retry-failed", action="store_true", help="re-send only the rows the teacher failed"
+        )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = list(args.set)
@@ -35,8 +37,12 @@ def job_main(stage: str) -> None:
         if stage == "distill":
             run = run_all(cfg, args.run_id, args.address)
         else:
-            run_id = args.run_id or (None if stage == "generate" and not retry else latest_run_id(cfg))
-            run = run_stages(cfg, [stage], run_id, args.address, {"generate": {"retry_failed": retry}})
+            run_id = args.run_id or (
+                None if stage == "generate" and not retry else latest_run_id(cfg)
+            )
+            run = run_stages(
+                cfg, [stage], run_id, args.address, {"generate": {"retry_failed": retry}}
+            )
     except RunStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(3)

@@ -1,7 +1,7 @@
 """Job: the whole loop (generate, curate, train, sweep, evaluate, serve).
 
-    python -m jobs.distill configs/quickstart.yaml
-    ray job submit --working-dir . -- python -m jobs.distill configs/quickstart.yaml
+python -m jobs.distill configs/quickstart.yaml
+ray job submit --working-dir . -- python -m jobs.distill configs/quickstart.yaml
 """
 
 from jobs._entry import job_main

@@ -1,7 +1,7 @@
 """Job: the evaluate stage.
 
-    python -m jobs.evaluate configs/quickstart.yaml
-    ray job submit --working-dir . -- python -m jobs.evaluate configs/quickstart.yaml
+python -m jobs.evaluate configs/quickstart.yaml
+ray job submit --working-dir . -- python -m jobs.evaluate configs/quickstart.yaml
 """
 
 from jobs._entry import job_main

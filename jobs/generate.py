@@ -1,7 +1,7 @@
 """Job: the generate stage.
 
-    python -m jobs.generate configs/quickstart.yaml
-    ray job submit --working-dir . -- python -m jobs.generate configs/quickstart.yaml
+python -m jobs.generate configs/quickstart.yaml
+ray job submit --working-dir . -- python -m jobs.generate configs/quickstart.yaml
 """
 
 from jobs._entry import job_main

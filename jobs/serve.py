@@ -1,7 +1,7 @@
 """Job: the serve stage.
 
-    python -m jobs.serve configs/quickstart.yaml
-    ray job submit --working-dir . -- python -m jobs.serve configs/quickstart.yaml
+python -m jobs.serve configs/quickstart.yaml
+ray job submit --working-dir . -- python -m jobs.serve configs/quickstart.yaml
 """
 
 from jobs._entry import job_main

@@ -1,7 +1,7 @@
 """Job: the sweep stage.
 
-    python -m jobs.sweep configs/quickstart.yaml
-    ray job submit --working-dir . -- python -m jobs.sweep configs/quickstart.yaml
+python -m jobs.sweep configs/quickstart.yaml
+ray job submit --working-dir . -- python -m jobs.sweep configs/quickstart.yaml
 """
 
 from jobs._entry import job_main

@@ -1,7 +1,7 @@
 """Job: the train stage.
 
-    python -m jobs.train configs/quickstart.yaml
-    ray job submit --working-dir . -- python -m jobs.train configs/quickstart.yaml
+python -m jobs.train configs/quickstart.yaml
+ray job submit --working-dir . -- python -m jobs.train configs/quickstart.yaml
 """
 
 from jobs._entry import job_main

@@ -84,7 +84,9 @@ class PromptSection(Section):
         text = Path(self.file).read_text(encoding="utf-8")
         if self.placeholder not in text:
             raise ConfigError(
-                [f"task.prompt.file: {self.file} does not contain the placeholder {self.placeholder!r}"]
+                [
+                    f"task.prompt.file: {self.file} does not contain the placeholder {self.placeholder!r}"
+                ]
             )
         return text
 
@@ -108,7 +110,9 @@ class TaskSection(Section):
     def _labels_as_strings(cls, v: Any) -> Any:
         # `labels: [0, 1]` in YAML means the strings the parser compares against.
         if isinstance(v, list):
-            return [str(x) if isinstance(x, int | float) and not isinstance(x, bool) else x for x in v]
+            return [
+                str(x) if isinstance(x, int | float) and not isinstance(x, bool) else x for x in v
+            ]
         return v
 
     @model_validator(mode="after")
@@ -169,19 +173,33 @@ class SimulatorSection(Section):
         0.0, ge=0.0, le=1.0, description="Share of 200 answers whose body is not (complete) JSON."
     )
     rate_unparsable: float = Field(
-        0.0, ge=0.0, le=1.0, description="Share of 200 answers that are prose with no structured answer."
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of 200 answers that are prose with no structured answer.",
     )
     rpm_per_key: float | None = Field(
-        None, gt=0.0, description="Requests per minute allowed per API key (429 beyond); none: no limit."
+        None,
+        gt=0.0,
+        description="Requests per minute allowed per API key (429 beyond); none: no limit.",
     )
     rpm_burst: int | None = Field(
-        None, ge=1, description="Requests one key may send at once; default: one second's worth of rpm_per_key."
+        None,
+        ge=1,
+        description="Requests one key may send at once; default: one second's worth of rpm_per_key.",
     )
 
     @model_validator(mode="after")
     def _fault_rates_fit(self) -> SimulatorSection:
         total = sum(
-            (self.rate_429, self.rate_500, self.rate_503, self.rate_hang, self.rate_malformed, self.rate_unparsable)
+            (
+                self.rate_429,
+                self.rate_500,
+                self.rate_503,
+                self.rate_hang,
+                self.rate_malformed,
+                self.rate_unparsable,
+            )
         )
         if total > 1.0 + 1e-9:
             raise ValueError(f"the fault rates (rate_*) must sum to at most 1, got {total:g}")
@@ -425,7 +443,9 @@ class StudentSection(Section):
     @model_validator(mode="after")
     def _tokenizer_needs_hub_model(self) -> StudentSection:
         if self.model == "tiny" and self.tokenizer is not None:
-            raise ValueError("tokenizer is built from the training texts for model 'tiny'; leave it empty")
+            raise ValueError(
+                "tokenizer is built from the training texts for model 'tiny'; leave it empty"
+            )
         return self
 
 
@@ -492,7 +512,9 @@ class TrainSection(Section):
         description="Longest prompt + answer in tokens. Longer prompts lose their start; the "
         "answer is never cut (a longer answer is an error).",
     )
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many steps (smoke runs).")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many steps (smoke runs)."
+    )
     val_fraction: float = Field(
         0.1,
         ge=0.0,
@@ -643,7 +665,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), *, data: dict | None = None) -> DistillConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] = (), *, data: dict | None = None
+) -> DistillConfig:
     """Load a YAML config (or a dict), apply ``a.b=c`` overrides, validate everything."""
     source = str(path) if path is not None else "config"
     if data is None:

@@ -23,7 +23,11 @@ NEEDS_TEACHER = {"generate", "evaluate", "serve"}
 def latest_run_id(cfg: DistillConfig) -> str | None:
     """The newest run folder of this config's run name, if any."""
     root = Path(cfg.run.output_dir)
-    runs = sorted(root.glob(f"{cfg.run.name}-*"), key=lambda p: p.stat().st_mtime) if root.exists() else []
+    runs = (
+        sorted(root.glob(f"{cfg.run.name}-*"), key=lambda p: p.stat().st_mtime)
+        if root.exists()
+        else []
+    )
     return runs[-1].name if runs else None
 
 
@@ -78,7 +82,13 @@ def _run_stages(run: Run, stages: list[str], endpoint, options: dict | None = No
             )
 
 
-def run_stages(cfg: DistillConfig, stages: list[str], run_id: str | None = None, address: str | None = None, options: dict | None = None) -> Run:
+def run_stages(
+    cfg: DistillConfig,
+    stages: list[str],
+    run_id: str | None = None,
+    address: str | None = None,
+    options: dict | None = None,
+) -> Run:
     """Run `stages` in order in one run folder, starting the teacher only if one needs it.
     `options`: per-stage keyword arguments, e.g. {"generate": {"retry_failed": True}}."""
     run = open_run(cfg, run_id)

@@ -62,7 +62,9 @@ def init_ray(cfg: DistillConfig, address: str | None = None) -> None:
         ray.init(address=address, runtime_env=cfg.ray.runtime_env or None, log_to_driver=True)
     else:
         # address="local": always a new embedded cluster, never one that happens to run here.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(
+            address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True
+        )
     log.info("ray: %s", ray.cluster_resources())
 
 

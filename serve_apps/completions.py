@@ -16,15 +16,27 @@ from openai.types.chat.chat_completion_message import ChatCompletionMessage
 from openai.types.completion_usage import CompletionUsage
 
 
-def completion(model: str, text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str = "stop") -> dict[str, Any]:
+def completion(
+    model: str, text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str = "stop"
+) -> dict[str, Any]:
     """A ChatCompletion body (built with the openai client's own types, so it is valid)."""
     return ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
         object="chat.completion",
         created=int(time.time()),
         model=model,
-        choices=[Choice(index=0, finish_reason=finish_reason, message=ChatCompletionMessage(role="assistant", content=text))],
-        usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens),
+        choices=[
+            Choice(
+                index=0,
+                finish_reason=finish_reason,
+                message=ChatCompletionMessage(role="assistant", content=text),
+            )
+        ],
+        usage=CompletionUsage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
     ).model_dump(exclude_none=True)
 
 

@@ -62,7 +62,9 @@ class RouterArgs(BaseModel):
     def _known_targets(cls, v: dict[str, float]) -> dict[str, float]:
         unknown = set(v) - set(TARGETS)
         if unknown or any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
-            raise ValueError(f"weights must map {TARGETS} to weights >= 0 with a positive sum, got {v}")
+            raise ValueError(
+                f"weights must map {TARGETS} to weights >= 0 with a positive sum, got {v}"
+            )
         return v
 
 
@@ -88,7 +90,10 @@ api = FastAPI(title="distill router")
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     # OpenAI clients expect 400 with an error object (FastAPI's default is 422 + detail).
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return JSONResponse(status_code=400, content=error_body(f"invalid request: {problems}", "invalid_request_error", 400))
+    return JSONResponse(
+        status_code=400,
+        content=error_body(f"invalid request: {problems}", "invalid_request_error", 400),
+    )
 
 
 async def _wait(response: Any) -> Any:
@@ -98,7 +103,14 @@ async def _wait(response: Any) -> Any:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Router:
-    def __init__(self, targets: dict[str, DeploymentHandle], weights: dict[str, float], request_log: str | None = None, seed: int | None = None, timeout_s: float = 60.0):
+    def __init__(
+        self,
+        targets: dict[str, DeploymentHandle],
+        weights: dict[str, float],
+        request_log: str | None = None,
+        seed: int | None = None,
+        timeout_s: float = 60.0,
+    ):
         self.targets = targets
         self.weights = weights
         self.rng = random.Random(seed)
@@ -107,13 +119,22 @@ class Router:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "distill"} for n in ["auto", *self.targets]]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "distill"}
+                for n in ["auto", *self.targets]
+            ],
+        }
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatRequest) -> JSONResponse:
         body = req.model_dump()
         if body.get("stream"):
-            return JSONResponse(status_code=400, content=error_body("stream=true is not supported", "invalid_request_error", 400))
+            return JSONResponse(
+                status_code=400,
+                content=error_body("stream=true is not supported", "invalid_request_error", 400),
+            )
         target = pick_target(self.weights, req.model, self.rng)
         started = time.perf_counter()
         response = self.targets[target].chat.remote(body)
@@ -122,21 +143,39 @@ class Router:
             payload = await asyncio.wait_for(_wait(response), self.timeout_s)
         except asyncio.TimeoutError:
             response.cancel()
-            status, error = 504, error_body(f"target '{target}' timed out after {self.timeout_s}s", "upstream_timeout", 504, target=target)
+            status, error = (
+                504,
+                error_body(
+                    f"target '{target}' timed out after {self.timeout_s}s",
+                    "upstream_timeout",
+                    504,
+                    target=target,
+                ),
+            )
         except Exception as e:  # noqa: BLE001 - any failure of a target becomes a 502 for the caller
             cause = getattr(e, "cause", None) or e  # RayTaskError wraps the target's exception
-            status, error = 502, error_body(f"target '{target}' failed: {type(cause).__name__}: {cause}", "upstream_error", 502, target=target)
+            status, error = (
+                502,
+                error_body(
+                    f"target '{target}' failed: {type(cause).__name__}: {cause}",
+                    "upstream_error",
+                    502,
+                    target=target,
+                ),
+            )
         latency_ms = round((time.perf_counter() - started) * 1000, 2)
         if self.log is not None:
-            self.log.write({
-                "request": {k: v for k, v in body.items() if v is not None},
-                "response": payload,
-                "served_by": target,
-                "status": status,
-                "error": None if status == 200 else error["error"]["message"],
-                "latency_ms": latency_ms,
-                "ts": time.time(),
-            })
+            self.log.write(
+                {
+                    "request": {k: v for k, v in body.items() if v is not None},
+                    "response": payload,
+                    "served_by": target,
+                    "status": status,
+                    "error": None if status == 200 else error["error"]["message"],
+                    "latency_ms": latency_ms,
+                    "ts": time.time(),
+                }
+            )
         headers = {TARGET_HEADER: target}
         if status != 200:
             headers["x-should-retry"] = "false"  # the router already gave the target its chance
@@ -151,8 +190,13 @@ def app(args: dict[str, Any]) -> serve.Application:
     opts = {"ray_actor_options": {"num_cpus": a.num_cpus}}
     targets = {}
     if a.weights.get("student", 0) > 0:
-        targets["student"] = StudentModel.options(name="student", ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.student_num_gpus}).bind(a.checkpoint, "student", a.max_new_tokens)
+        targets["student"] = StudentModel.options(
+            name="student",
+            ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.student_num_gpus},
+        ).bind(a.checkpoint, "student", a.max_new_tokens)
     if a.weights.get("teacher", 0) > 0:
-        targets["teacher"] = TeacherProxy.options(name="teacher", **opts).bind(a.teacher_base_url, a.teacher_model, a.teacher_api_key_env, a.timeout_s)
+        targets["teacher"] = TeacherProxy.options(name="teacher", **opts).bind(
+            a.teacher_base_url, a.teacher_model, a.teacher_api_key_env, a.timeout_s
+        )
     weights = {n: w for n, w in a.weights.items() if n in targets}
     return Router.options(**opts).bind(targets, weights, a.request_log, a.seed, a.timeout_s)

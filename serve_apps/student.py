@@ -26,7 +26,10 @@ class StudentModel:
         return await asyncio.to_thread(self.student.complete, [m for m, _ in requests], max_new)
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        max_new = min(int(body.get("max_tokens") or body.get("max_completion_tokens") or self.max_new_tokens), self.max_new_tokens)
+        max_new = min(
+            int(body.get("max_tokens") or body.get("max_completion_tokens") or self.max_new_tokens),
+            self.max_new_tokens,
+        )
         text = await self._answer((body["messages"], max_new))
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
         completion_tokens = len(text.split())

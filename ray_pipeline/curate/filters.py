@@ -44,7 +44,9 @@ class RuleFilter:
             elif n > c.max_chars:
                 _filter(row, f"too_long: {n} chars > {c.max_chars}")
             elif len(row["response"] or "") > c.max_response_chars:
-                _filter(row, f"response_too_long: {len(row['response'])} chars > {c.max_response_chars}")
+                _filter(
+                    row, f"response_too_long: {len(row['response'])} chars > {c.max_response_chars}"
+                )
             else:
                 hit = next((p.pattern for p in self.patterns if p.search(row["input"])), None)
                 if hit is not None:

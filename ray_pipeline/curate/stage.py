@@ -33,7 +33,9 @@ from ray_pipeline.runtime import Run
 log = logging.getLogger("distill.curate")
 
 
-def _filters_batch(batch: pa.Table, cfg: CurateSection, task: TaskSection, test_inputs: dict[str, str]) -> pa.Table:
+def _filters_batch(
+    batch: pa.Table, cfg: CurateSection, task: TaskSection, test_inputs: dict[str, str]
+) -> pa.Table:
     rows = batch.to_pylist()
     for f in (LabelFilter(task), RuleFilter(cfg), TestOverlapFilter(test_inputs)):
         rows = f(rows)
@@ -69,7 +71,9 @@ def run_curate(run: Run) -> dict[str, Any]:
         ds = ds.materialize()
         keys = ds.select_columns(["id", "source", "source_line", "input", "status"]).take_all()
         duplicates = find_exact_duplicates(keys)
-        ds = ds.map_batches(_dups_batch, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow")
+        ds = ds.map_batches(
+            _dups_batch, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow"
+        )
     ds = ds.materialize()
 
     out = run.stage_dir("dataset")
@@ -81,9 +85,13 @@ def run_curate(run: Run) -> dict[str, Any]:
     for d in (train_dir, rejected_dir):
         d.mkdir(exist_ok=True)  # an empty selection writes no files
 
-    summary = ds.select_columns(["id", "status", "reason", "label", "teacher", "prompt_hash"]).take_all()
+    summary = ds.select_columns(
+        ["id", "status", "reason", "label", "teacher", "prompt_hash"]
+    ).take_all()
     status = Counter(r["status"] for r in summary)
-    reasons = Counter(r["reason"].split(":")[0] for r in summary if r["status"] != OK and r["reason"])
+    reasons = Counter(
+        r["reason"].split(":")[0] for r in summary if r["status"] != OK and r["reason"]
+    )
     kept = [r for r in summary if r["status"] == OK]
     labels = Counter(r["label"] for r in kept)
     sources = [source_entry(s.path, kind="log") for s in cfg.data.logs]
@@ -96,7 +104,11 @@ def run_curate(run: Run) -> dict[str, Any]:
             "dataset": str(train_dir),
             "rejected": str(rejected_dir),
             "rows": len(kept),
-            "task": {"name": cfg.task.name, "label_key": cfg.task.label_key, "labels": cfg.task.labels},
+            "task": {
+                "name": cfg.task.name,
+                "label_key": cfg.task.label_key,
+                "labels": cfg.task.labels,
+            },
             "sources": sources,
             "teacher": {
                 "model": cfg.teacher.model,
@@ -119,9 +131,18 @@ def run_curate(run: Run) -> dict[str, Any]:
         "reasons": dict(reasons),
         "labels": dict(labels),
         "seconds": round(time.perf_counter() - started, 2),
-        "outputs": {"train": str(train_dir), "rejected": str(rejected_dir), "manifest": str(manifest_path)},
+        "outputs": {
+            "train": str(train_dir),
+            "rejected": str(rejected_dir),
+            "manifest": str(manifest_path),
+        },
     }
-    log.info("curate: kept %s of %s rows; dropped %s", section["kept"], section["rows_in"], section["reasons"])
+    log.info(
+        "curate: kept %s of %s rows; dropped %s",
+        section["kept"],
+        section["rows_in"],
+        section["reasons"],
+    )
     return section
 
 

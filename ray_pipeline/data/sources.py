@@ -23,7 +23,14 @@ from ray_pipeline.teacher.parse import normalize_label
 from ray_pipeline.teacher.prompts import Prompt, last_user_content
 
 MALFORMED = "malformed_record"
-_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 # CSV cells in real logs (long comments) exceed the csv module's 128 KiB default.
 csv.field_size_limit(2**31 - 1)
@@ -41,7 +48,9 @@ def detect_format(path: str | Path, fmt: str = "auto") -> str:
     return _EXTENSIONS[suffix]
 
 
-def iter_records(data: bytes, fmt: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None, str]]:
+def iter_records(
+    data: bytes, fmt: str
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None, str]]:
     """Yield (line_or_record_number, record or None, error or None, raw text excerpt)."""
     if fmt == "parquet":
         table = pq.read_table(io.BytesIO(data))
@@ -70,7 +79,12 @@ def iter_records(data: bytes, fmt: str) -> Iterator[tuple[int, dict[str, Any] | 
             line = start
             start = reader.line_num + 1
             if None in rec:
-                yield line, None, f"{len(reader.fieldnames) + len(rec[None])} fields, header has {len(reader.fieldnames)}", str(rec[None])[:500]
+                yield (
+                    line,
+                    None,
+                    f"{len(reader.fieldnames) + len(rec[None])} fields, header has {len(reader.fieldnames)}",
+                    str(rec[None])[:500],
+                )
                 continue
             missing = [k for k, v in rec.items() if v is None]
             if missing:
@@ -158,7 +172,11 @@ def _record_fields(
         if not isinstance(text, str) or not text.strip():
             present = ", ".join(sorted(rec)[:10])
             raise ValueError(f"no text in field {src.input_field!r} (fields: {present})")
-        fields = {"input": text, "messages": dumps(prompt.messages(text)), "prompt_hash": prompt.hash}
+        fields = {
+            "input": text,
+            "messages": dumps(prompt.messages(text)),
+            "prompt_hash": prompt.hash,
+        }
         if src.response_field is not None:
             resp = rec.get(src.response_field)
             if isinstance(resp, str) and resp.strip():

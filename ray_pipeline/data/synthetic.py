@@ -17,13 +17,71 @@ import random
 import re
 from pathlib import Path
 
-INSULTS = ["idiot", "moron", "stupid", "pathetic", "loser", "clown", "garbage", "worthless", "dumb", "fool"]
-SUBJECTS = ["this article", "your edit", "the reviewer", "that admin", "the lead section", "his comment", "her reply", "the infobox", "this source", "the last revert", "our discussion", "the new draft"]
+INSULTS = [
+    "idiot",
+    "moron",
+    "stupid",
+    "pathetic",
+    "loser",
+    "clown",
+    "garbage",
+    "worthless",
+    "dumb",
+    "fool",
+]
+SUBJECTS = [
+    "this article",
+    "your edit",
+    "the reviewer",
+    "that admin",
+    "the lead section",
+    "his comment",
+    "her reply",
+    "the infobox",
+    "this source",
+    "the last revert",
+    "our discussion",
+    "the new draft",
+]
 VERBS = ["is", "looks", "seems", "reads as", "sounds"]
-NEUTRAL = ["fine", "helpful", "well sourced", "interesting", "too long", "unclear", "outdated", "accurate", "detailed", "a bit biased", "wrong on the dates", "hard to follow", "much better now", "confusing"]
+NEUTRAL = [
+    "fine",
+    "helpful",
+    "well sourced",
+    "interesting",
+    "too long",
+    "unclear",
+    "outdated",
+    "accurate",
+    "detailed",
+    "a bit biased",
+    "wrong on the dates",
+    "hard to follow",
+    "much better now",
+    "confusing",
+]
 OPENERS = ["", "", "hey,", "honestly,", "well,", "sorry but", "thanks,", "ok so"]
-TAILS = ["", "", "please check the sources", "see the talk page", "lol", "again", "I think", "per the policy", "for now", "as usual", "if you ask me"]
-INSULT_FRAMES = ["you are a {w}", "what a {w}", "only a {w} would write that", "stop being a {w}", "{w}", "such a {w} move"]
+TAILS = [
+    "",
+    "",
+    "please check the sources",
+    "see the talk page",
+    "lol",
+    "again",
+    "I think",
+    "per the policy",
+    "for now",
+    "as usual",
+    "if you ask me",
+]
+INSULT_FRAMES = [
+    "you are a {w}",
+    "what a {w}",
+    "only a {w} would write that",
+    "stop being a {w}",
+    "{w}",
+    "such a {w} move",
+]
 INSULT_ADJ_FRAMES = ["this is {w}", "so {w}", "{w} edit"]
 _ADJ_INSULTS = {"stupid", "pathetic", "worthless", "dumb"}
 
@@ -44,12 +102,11 @@ def make_comment(rng: random.Random, toxic: bool) -> str:
     parts = [rng.choice(OPENERS), rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(NEUTRAL)]
     if toxic:
         w = rng.choice(INSULTS)
-        frame = rng.choice(INSULT_ADJ_FRAMES if w in _ADJ_INSULTS and rng.random() < 0.5 else INSULT_FRAMES)
+        frame = rng.choice(
+            INSULT_ADJ_FRAMES if w in _ADJ_INSULTS and rng.random() < 0.5 else INSULT_FRAMES
+        )
         insult = frame.format(w=w)
-        if rng.random() < 0.5:
-            parts = [*parts, ",", insult]
-        else:
-            parts = [insult, ",", *parts]
+        parts = [*parts, ",", insult] if rng.random() < 0.5 else [insult, ",", *parts]
     parts.append(rng.choice(TAILS))
     text = " ".join(p for p in parts if p).replace(" ,", ",")
     return text[0].upper() + text[1:]
@@ -80,7 +137,9 @@ def format_answer(label: str, text: str, key: str = "toxic") -> str:
     return f"```python\n{{'{key}': {label}}}\n```"
 
 
-def generate_comments(n: int, seed: int, toxic_share: float = 0.5, exclude: set[str] = frozenset()) -> list[str]:
+def generate_comments(
+    n: int, seed: int, toxic_share: float = 0.5, exclude: set[str] = frozenset()
+) -> list[str]:
     """`n` distinct comments (none in `exclude`), about `toxic_share` of them toxic."""
     rng = random.Random(seed)
     seen = {c.lower() for c in exclude}
@@ -109,7 +168,13 @@ SEEDS = [
 ]
 
 
-def write_quickstart_files(out_dir: str | Path, n_logs: int = 360, n_test: int = 200, seed: int = 0, error_rate: float = 0.1) -> dict[str, Path]:
+def write_quickstart_files(
+    out_dir: str | Path,
+    n_logs: int = 360,
+    n_test: int = 200,
+    seed: int = 0,
+    error_rate: float = 0.1,
+) -> dict[str, Path]:
     """Write the quickstart inputs: logs (half already answered by the teacher, in OpenAI
     record format; a few duplicates and malformed lines, as real logs have), seeds, test set."""
     out = Path(out_dir)
@@ -123,11 +188,23 @@ def write_quickstart_files(out_dir: str | Path, n_logs: int = 360, n_test: int =
             label = teacher_label(text, error_rate, seed)
             answer = format_answer(label, text)
             rec = {
-                "request": {"model": "sim-teacher", "messages": [{"role": "user", "content": PROMPT.replace("{input}", text)}]},
+                "request": {
+                    "model": "sim-teacher",
+                    "messages": [{"role": "user", "content": PROMPT.replace("{input}", text)}],
+                },
                 "response": {
                     "model": "sim-teacher",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": len(PROMPT.split()) + len(text.split()), "completion_tokens": 8},
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": answer},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": len(PROMPT.split()) + len(text.split()),
+                        "completion_tokens": 8,
+                    },
                 },
             }
         else:
@@ -141,5 +218,7 @@ def write_quickstart_files(out_dir: str | Path, n_logs: int = 360, n_test: int =
     paths = {"logs": out / "logs.jsonl", "seeds": out / "seeds.jsonl", "test": out / "test.jsonl"}
     paths["logs"].write_text("\n".join(lines) + "\n")
     paths["seeds"].write_text("".join(json.dumps({"input": s}) + "\n" for s in SEEDS))
-    paths["test"].write_text("".join(json.dumps({"input": t, "label": true_label(t)}) + "\n" for t in test))
+    paths["test"].write_text(
+        "".join(json.dumps({"input": t, "label": true_label(t)}) + "\n" for t in test)
+    )
     return paths

@@ -10,7 +10,9 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 UNPARSED = "<unparsed>"  # a prediction whose answer had no valid label: always wrong
 
 
-def classification_metrics(gold: list[str], pred: list[str | None], labels: list[str]) -> dict[str, Any]:
+def classification_metrics(
+    gold: list[str], pred: list[str | None], labels: list[str]
+) -> dict[str, Any]:
     """Accuracy, per-class precision/recall/F1/support and the confusion matrix.
 
     A missing prediction (an answer with no valid label) counts as wrong for accuracy and as

@@ -56,7 +56,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows = []
         for name, ts in ev.get("test_sets", {}).items():
             acc = ts["accuracy"]
-            rows.append([name, ts["rows"], acc.get("student"), acc.get("teacher"), acc.get("baseline")])
+            rows.append(
+                [name, ts["rows"], acc.get("student"), acc.get("teacher"), acc.get("baseline")]
+            )
         out += [_table(["test set", "rows", "student", "teacher", "majority baseline"], rows), ""]
         for name, ts in ev.get("test_sets", {}).items():
             out += [f"### {name}: per class", ""]
@@ -66,34 +68,102 @@ def render_markdown(report: dict[str, Any]) -> str:
                     prow.append([who, label, m["precision"], m["recall"], m["f1"], m["support"]])
             out += [_table(["model", "label", "precision", "recall", "f1", "support"], prow), ""]
             if ts.get("mistakes_file"):
-                out += [f"Student mistakes to read: `{ts['mistakes_file']}` ({ts.get('mistakes', 0)})", ""]
+                out += [
+                    f"Student mistakes to read: `{ts['mistakes_file']}` ({ts.get('mistakes', 0)})",
+                    "",
+                ]
         if ev.get("plot"):
             out += [f"![accuracy]({Path(ev['plot']).name})", ""]
     if gen := report.get("generate"):
-        out += ["## Generate", "", _table(["rows", "ok", "failed", "teacher calls", "cache hits", "recorded in logs", "prompt tokens", "completion tokens", "cost (USD)", "seconds"], [[gen["rows"], gen["status"].get("ok", 0), gen["status"].get("failed", 0), gen["teacher_calls"], gen.get("cache_hits", 0), gen["recorded_responses"], gen["prompt_tokens"], gen["completion_tokens"], gen.get("cost_usd", 0.0), gen["seconds"]]]), ""]
+        out += [
+            "## Generate",
+            "",
+            _table(
+                [
+                    "rows",
+                    "ok",
+                    "failed",
+                    "teacher calls",
+                    "cache hits",
+                    "recorded in logs",
+                    "prompt tokens",
+                    "completion tokens",
+                    "cost (USD)",
+                    "seconds",
+                ],
+                [
+                    [
+                        gen["rows"],
+                        gen["status"].get("ok", 0),
+                        gen["status"].get("failed", 0),
+                        gen["teacher_calls"],
+                        gen.get("cache_hits", 0),
+                        gen["recorded_responses"],
+                        gen["prompt_tokens"],
+                        gen["completion_tokens"],
+                        gen.get("cost_usd", 0.0),
+                        gen["seconds"],
+                    ]
+                ],
+            ),
+            "",
+        ]
         if gen.get("budget_stop"):
             out += [f"**Stopped by the budget**: {gen['budget_stop']}", ""]
         if gen.get("reasons"):
             out += [_table(["reason", "rows"], sorted(gen["reasons"].items())), ""]
     if cur := report.get("curate"):
-        out += ["## Curate", "", _table(["input rows", "kept", "filtered", "failed"], [[cur["rows_in"], cur["kept"], cur["filtered"], cur["failed"]]]), ""]
+        out += [
+            "## Curate",
+            "",
+            _table(
+                ["input rows", "kept", "filtered", "failed"],
+                [[cur["rows_in"], cur["kept"], cur["filtered"], cur["failed"]]],
+            ),
+            "",
+        ]
         if cur.get("reasons"):
             out += [_table(["reason", "rows"], sorted(cur["reasons"].items())), ""]
         if cur.get("labels"):
             out += [_table(["label", "rows"], sorted(cur["labels"].items())), ""]
     if tr := report.get("train"):
-        out += ["## Train", "", _table(["metric", "value"], [[k, v] for k, v in tr.get("metrics", {}).items()]), ""]
+        out += [
+            "## Train",
+            "",
+            _table(["metric", "value"], [[k, v] for k, v in tr.get("metrics", {}).items()]),
+            "",
+        ]
         out += [f"Checkpoint: `{tr.get('checkpoint')}`", ""]
     if sw := report.get("sweep"):
         out += ["## Sweep", ""]
         trials = sw.get("trials", [])
         if trials:
             keys = list(trials[0]["config"].keys())
-            out += [_table([*keys, "val_loss", "train_rows"], [[t["config"][k] for k in keys] + [t.get("val_loss"), t.get("train_rows")] for t in trials]), ""]
-        out += [f"Best: `{sw.get('best', {}).get('config')}` (val_loss {sw.get('best', {}).get('val_loss')})", ""]
+            out += [
+                _table(
+                    [*keys, "val_loss", "train_rows"],
+                    [
+                        [t["config"][k] for k in keys] + [t.get("val_loss"), t.get("train_rows")]
+                        for t in trials
+                    ],
+                ),
+                "",
+            ]
+        out += [
+            f"Best: `{sw.get('best', {}).get('config')}` (val_loss {sw.get('best', {}).get('val_loss')})",
+            "",
+        ]
         if sw.get("plot"):
-            out += [f"![dataset size ablation]({Path(sw['plot']).relative_to(Path(sw['plot']).parents[1])})", ""]
+            out += [
+                f"![dataset size ablation]({Path(sw['plot']).relative_to(Path(sw['plot']).parents[1])})",
+                "",
+            ]
     if sv := report.get("serve"):
-        out += ["## Serve", "", _table(["target", "requests"], sorted(sv.get("answered_by", {}).items())), ""]
+        out += [
+            "## Serve",
+            "",
+            _table(["target", "requests"], sorted(sv.get("answered_by", {}).items())),
+            "",
+        ]
         out += [f"Errors: {sv.get('errors', 0)}; endpoint: {sv.get('url')}", ""]
     return "\n".join(out) + "\n"

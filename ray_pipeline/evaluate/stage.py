@@ -43,7 +43,9 @@ class StudentPredictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        answers = self.student.complete([json.loads(r["messages"]) for r in rows], max_new_tokens=self.max_new_tokens)
+        answers = self.student.complete(
+            [json.loads(r["messages"]) for r in rows], max_new_tokens=self.max_new_tokens
+        )
         for row, answer in zip(rows, answers, strict=True):
             row.update(response=answer, teacher="student")
         return to_table(parse_rows(rows, self.task))
@@ -66,10 +68,14 @@ def eval_rows(run: Run) -> list[dict[str, Any]]:
     for ts in cfg.evaluate.test_sets:
         for i, rec in enumerate(read_texts(ts.path, ts.input_field, ts.limit), 1):
             if rec.get(ts.gold_field) in (None, ""):
-                raise ValueError(f"{ts.path}: record {i} has no gold label in field {ts.gold_field!r}")
+                raise ValueError(
+                    f"{ts.path}: record {i} has no gold label in field {ts.gold_field!r}"
+                )
             gold = normalize_label(rec[ts.gold_field], cfg.task.labels, cfg.task.label_aliases)
             if gold is None:
-                raise ValueError(f"{ts.path}: record {i}: gold label {rec[ts.gold_field]!r} is not one of {cfg.task.labels}")
+                raise ValueError(
+                    f"{ts.path}: record {i}: gold label {rec[ts.gold_field]!r} is not one of {cfg.task.labels}"
+                )
             text = rec[ts.input_field]
             rows.append(
                 new_row(
@@ -110,7 +116,11 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
         ray.data.from_arrow(to_table(rows))
         .map_batches(
             StudentPredictor,
-            fn_constructor_kwargs={"checkpoint": checkpoint, "task": cfg.task, "max_new_tokens": cfg.evaluate.max_new_tokens},
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "task": cfg.task,
+                "max_new_tokens": cfg.evaluate.max_new_tokens,
+            },
             batch_format="pyarrow",
             batch_size=cfg.evaluate.batch_size,
             compute=ray.data.ActorPoolStrategy(size=1),
@@ -136,7 +146,12 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
         gold = [r["gold"] for r in srows]
         ts_dir = out / name
         ts_dir.mkdir(exist_ok=True)
-        result: dict[str, Any] = {"rows": len(srows), "accuracy": {}, "per_class": {}, "unparsed": {}}
+        result: dict[str, Any] = {
+            "rows": len(srows),
+            "accuracy": {},
+            "per_class": {},
+            "unparsed": {},
+        }
         scored = {"student": [r["label"] for r in srows], "baseline": [baseline] * len(srows)}
         trows = teachers.get(name, [])
         if trows:
@@ -155,7 +170,20 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
         with mistakes_path.open("w") as f:
             for r in mistakes:
                 t = teacher_by_id.get(r["id"])
-                f.write(json.dumps({"line": r["source_line"], "input": r["input"], "gold": r["gold"], "student_label": r["label"], "student_answer": r["response"], "teacher_label": t["label"] if t else None}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "line": r["source_line"],
+                            "input": r["input"],
+                            "gold": r["gold"],
+                            "student_label": r["label"],
+                            "student_answer": r["response"],
+                            "teacher_label": t["label"] if t else None,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
         result["mistakes"] = len(mistakes)
         result["mistakes_file"] = str(mistakes_path)
         pq.write_table(to_table(srows), ts_dir / "student_predictions.parquet")

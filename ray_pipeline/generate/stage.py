@@ -56,7 +56,11 @@ def cache_dir(run: Run) -> str | None:
     c = run.cfg.teacher.cache
     if not c.enabled:
         return None
-    return str(Path(c.dir) if c.dir is not None else Path(run.cfg.run.output_dir).absolute() / "cache" / "teacher")
+    return str(
+        Path(c.dir)
+        if c.dir is not None
+        else Path(run.cfg.run.output_dir).absolute() / "cache" / "teacher"
+    )
 
 
 class TeacherSession:
@@ -70,14 +74,25 @@ class TeacherSession:
         self.endpoint = endpoint
         t = run.cfg.teacher
         self.simulator = t.simulator.enabled
-        limits = {spec.endpoint: {} for spec in ask_specs(t, endpoint.base_url, endpoint.api_key, self.simulator)}
+        limits = {
+            spec.endpoint: {}
+            for spec in ask_specs(t, endpoint.base_url, endpoint.api_key, self.simulator)
+        }
         main = ask_specs(t, endpoint.base_url, endpoint.api_key, self.simulator, voters=False)[0]
         limits[main.endpoint] = {"rpm": t.rate_limit.rpm, "tpm": t.rate_limit.tpm}
         # One quota per invocation, shared by every stage and actor that calls the teacher
         # (a new invocation, e.g. with a bigger budget, starts from its own config).
         if run.quota is None:
-            run.quota = ray.remote(Quota).options(num_cpus=0).remote(
-                limits, t.budget.max_cost_usd, t.budget.max_tokens, t.rate_limit.storm_share, t.rate_limit.storm_window_s
+            run.quota = (
+                ray.remote(Quota)
+                .options(num_cpus=0)
+                .remote(
+                    limits,
+                    t.budget.max_cost_usd,
+                    t.budget.max_tokens,
+                    t.rate_limit.storm_share,
+                    t.rate_limit.storm_window_s,
+                )
             )
         self.quota = run.quota
 
@@ -86,12 +101,19 @@ class TeacherSession:
         import ray
 
         t = self.run.cfg.teacher
-        specs = ask_specs(t, self.endpoint.base_url, self.endpoint.api_key, self.simulator, params, voters)
+        specs = ask_specs(
+            t, self.endpoint.base_url, self.endpoint.api_key, self.simulator, params, voters
+        )
         # Blocks of a few batches: every actor of the pool gets work, even from one big file.
         ds = ds.repartition(target_num_rows_per_block=4 * t.batch_size)
         return ds.map_batches(
             TeacherCaller,
-            fn_constructor_kwargs={"specs": specs, "teacher": t.model_dump(mode="json"), "quota": self.quota, "cache_dir": cache_dir(self.run)},
+            fn_constructor_kwargs={
+                "specs": specs,
+                "teacher": t.model_dump(mode="json"),
+                "quota": self.quota,
+                "cache_dir": cache_dir(self.run),
+            },
             batch_format="pyarrow",
             batch_size=t.batch_size,
             # Two blocks at once per actor: the next block's requests start while the last
@@ -169,7 +191,11 @@ def expand_seeds(run: Run, session: TeacherSession) -> tuple[list[dict[str, Any]
     requests = expansion_rows(seeds, sc, run.cfg.task, run.cfg.run.seed)
     if not requests:
         return [], {"requests": 0}
-    answered = session.pool(ray.data.from_arrow(to_table(requests)), params={"temperature": sc.temperature, "n": 1}, voters=False).take_all()
+    answered = session.pool(
+        ray.data.from_arrow(to_table(requests)),
+        params={"temperature": sc.temperature, "n": 1},
+        voters=False,
+    ).take_all()
     rows, counts = synthetic_input_rows(answered, seeds, sc, Prompt.from_task(run.cfg.task))
     counts["seeds"] = len(seeds)
     log.info("seed expansion: %s", counts)
@@ -180,7 +206,16 @@ def _reset_for_retry(batch: pa.Table) -> pa.Table:
     rows = batch.to_pylist()
     for r in rows:
         if r["status"] == FAILED and (r["reason"] or "").startswith(RETRYABLE_REASONS):
-            r.update(status=OK, reason=None, error_class=None, status_code=None, attempts=None, response=None, output=None, label=None)
+            r.update(
+                status=OK,
+                reason=None,
+                error_class=None,
+                status_code=None,
+                attempts=None,
+                response=None,
+                output=None,
+                label=None,
+            )
     return to_table(rows)
 
 
@@ -197,7 +232,9 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
     with session.progress():
         if retry_failed:
             previous = require(load_report(run.dir), "generate", run.dir)
-            ds = ray.data.read_parquet(previous["outputs"]["rows"]).map_batches(_reset_for_retry, batch_format="pyarrow")
+            ds = ray.data.read_parquet(previous["outputs"]["rows"]).map_batches(
+                _reset_for_retry, batch_format="pyarrow"
+            )
             synthetic = previous.get("synthetic", {})
         else:
             parts = read_logs(run)
@@ -220,12 +257,37 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
     section = summarize_rows(table, seconds)
     section["synthetic"] = synthetic
     section["retry_failed"] = retry_failed
-    section["quota"] = {k: quota[k] for k in ("calls", "cache_hits", "rate_limited", "storms", "tokens", "cost_usd", "budget_stop")}
-    malformed = [r for r in table.to_pylist() if r["status"] == FAILED and (r["reason"] or "").startswith(MALFORMED)]
+    section["quota"] = {
+        k: quota[k]
+        for k in (
+            "calls",
+            "cache_hits",
+            "rate_limited",
+            "storms",
+            "tokens",
+            "cost_usd",
+            "budget_stop",
+        )
+    }
+    malformed = [
+        r
+        for r in table.to_pylist()
+        if r["status"] == FAILED and (r["reason"] or "").startswith(MALFORMED)
+    ]
     malformed_path = out / "malformed.jsonl"
     with malformed_path.open("w") as f:
         for r in sorted(malformed, key=lambda r: (r["source"], r["source_line"])):
-            f.write(json.dumps({"source": r["source"], "line": r["source_line"], "error": r["reason"], "text": r["input"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "source": r["source"],
+                        "line": r["source_line"],
+                        "error": r["reason"],
+                        "text": r["input"],
+                    }
+                )
+                + "\n"
+            )
     section["malformed_records"] = len(malformed)
     section["outputs"] = {"rows": str(rows_dir), "malformed": str(malformed_path)}
     if quota["budget_stop"]:
@@ -236,14 +298,29 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
 
 def summarize_rows(table: pa.Table, seconds: float) -> dict[str, Any]:
     """Counts, tokens, cost and rates of a generate output table, totals per teacher model."""
-    cols = table.select(["status", "reason", "attempts", "prompt_tokens", "completion_tokens", "cost", "teacher", "response", "cached"]).to_pylist()
+    cols = table.select(
+        [
+            "status",
+            "reason",
+            "attempts",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost",
+            "teacher",
+            "response",
+            "cached",
+        ]
+    ).to_pylist()
     status = Counter(r["status"] for r in cols)
     reasons = Counter((r["reason"] or "").split(":")[0] for r in cols if r["reason"])
     per_teacher: dict[str, dict[str, float]] = {}
     for r in cols:
         if r["attempts"] is None and not r["cached"]:
             continue  # recorded in the logs, or never sent
-        t = per_teacher.setdefault(r["teacher"] or "?", {"rows": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cached": 0})
+        t = per_teacher.setdefault(
+            r["teacher"] or "?",
+            {"rows": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cached": 0},
+        )
         t["rows"] += 1
         t["prompt_tokens"] += r["prompt_tokens"] or 0
         t["completion_tokens"] += r["completion_tokens"] or 0
@@ -256,7 +333,11 @@ def summarize_rows(table: pa.Table, seconds: float) -> dict[str, Any]:
         "teacher_calls": sum(1 for r in cols if r["attempts"] is not None and not r["cached"]),
         "teacher_attempts": sum(r["attempts"] or 0 for r in cols if not r["cached"]),
         "cache_hits": sum(1 for r in cols if r["cached"]),
-        "recorded_responses": sum(1 for r in cols if r["response"] is not None and r["attempts"] is None and not r["cached"]),
+        "recorded_responses": sum(
+            1
+            for r in cols
+            if r["response"] is not None and r["attempts"] is None and not r["cached"]
+        ),
         "prompt_tokens": sum(t["prompt_tokens"] for t in per_teacher.values()),
         "completion_tokens": sum(t["completion_tokens"] for t in per_teacher.values()),
         "cost_usd": round(sum(t["cost_usd"] for t in per_teacher.values()), 6),

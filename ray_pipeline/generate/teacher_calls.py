@@ -19,9 +19,9 @@ from ray_pipeline.config import SeedsSection, TaskSection, TeacherSection
 from ray_pipeline.data.schema import FAILED, OK, dumps, new_row, row_id, to_table
 from ray_pipeline.teacher.cache import ResponseCache, cache_key
 from ray_pipeline.teacher.client import TeacherCallError, TeacherClient, TeacherReply
-from ray_pipeline.teacher.quota import BudgetExhausted, LeaseGate
 from ray_pipeline.teacher.parse import parse_answer, parse_list
 from ray_pipeline.teacher.prompts import Prompt
+from ray_pipeline.teacher.quota import BudgetExhausted, LeaseGate
 
 
 def needs_teacher(row: dict[str, Any]) -> bool:
@@ -38,11 +38,20 @@ class AskSpec:
     api_key: str
     model: str
     params: dict[str, Any]  # temperature, max_tokens, n
-    prompt: tuple[str, str, str | None] | None = None  # (template, placeholder, system); None: the row's messages
+    prompt: tuple[str, str, str | None] | None = (
+        None  # (template, placeholder, system); None: the row's messages
+    )
     price: tuple[float, float] | None = None  # USD per million prompt / completion tokens
 
 
-def ask_specs(cfg: TeacherSection, base_url: str, api_key: str, simulator: bool, params: dict[str, Any] | None = None, voters: bool = True) -> list[AskSpec]:
+def ask_specs(
+    cfg: TeacherSection,
+    base_url: str,
+    api_key: str,
+    simulator: bool,
+    params: dict[str, Any] | None = None,
+    voters: bool = True,
+) -> list[AskSpec]:
     """The main teacher and its voters, resolved against the running endpoint. Voters on
     another endpoint read their key from their own environment variable."""
     import os
@@ -51,9 +60,16 @@ def ask_specs(cfg: TeacherSection, base_url: str, api_key: str, simulator: bool,
         p = cfg.prices.get(model)
         return (p.input_per_mtok, p.output_per_mtok) if p else None
 
-    main_params = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "n": cfg.n, **(params or {})}
+    main_params = {
+        "temperature": cfg.temperature,
+        "max_tokens": cfg.max_tokens,
+        "n": cfg.n,
+        **(params or {}),
+    }
     ident = f"simulator:{cfg.simulator.seed}" if simulator else base_url
-    specs = [AskSpec("main", ident, base_url, api_key, cfg.model, main_params, None, price(cfg.model))]
+    specs = [
+        AskSpec("main", ident, base_url, api_key, cfg.model, main_params, None, price(cfg.model))
+    ]
     for v in cfg.voters if voters else []:
         own = v.base_url is not None and v.base_url != base_url
         key = api_key
@@ -61,11 +77,28 @@ def ask_specs(cfg: TeacherSection, base_url: str, api_key: str, simulator: bool,
             env = v.api_key_env or cfg.api_key_env
             key = os.environ.get(env, "")
             if not key:
-                raise RuntimeError(f"teacher.voters[{v.name}]: environment variable {env} is not set")
+                raise RuntimeError(
+                    f"teacher.voters[{v.name}]: environment variable {env} is not set"
+                )
         model = v.model or cfg.model
-        vp = {"temperature": cfg.temperature if v.temperature is None else v.temperature, "max_tokens": cfg.max_tokens, "n": v.n}
+        vp = {
+            "temperature": cfg.temperature if v.temperature is None else v.temperature,
+            "max_tokens": cfg.max_tokens,
+            "n": v.n,
+        }
         prompt = (v.prompt.text(), v.prompt.placeholder, v.prompt.system) if v.prompt else None
-        specs.append(AskSpec(v.name, v.base_url if own else ident, v.base_url if own else base_url, key, model, vp, prompt, price(model)))
+        specs.append(
+            AskSpec(
+                v.name,
+                v.base_url if own else ident,
+                v.base_url if own else base_url,
+                key,
+                model,
+                vp,
+                prompt,
+                price(model),
+            )
+        )
     return specs
 
 
@@ -87,7 +120,13 @@ class TeacherCaller:
     loop per actor, ``per_actor_concurrency`` requests in flight) and directly in tests.
     """
 
-    def __init__(self, specs: list[AskSpec], teacher: dict[str, Any], quota: Any = None, cache_dir: str | None = None):
+    def __init__(
+        self,
+        specs: list[AskSpec],
+        teacher: dict[str, Any],
+        quota: Any = None,
+        cache_dir: str | None = None,
+    ):
         self.cfg = TeacherSection.model_validate(teacher)
         self.specs = specs
         self.quota = quota
@@ -125,9 +164,14 @@ class TeacherCaller:
             est_tokens = prompt_tokens + spec.params.get("max_tokens", 256) * n
             est_cost = 0.0
             if spec.price is not None:
-                est_cost = (prompt_tokens * spec.price[0] + spec.params.get("max_tokens", 256) * n * spec.price[1]) / 1e6
+                est_cost = (
+                    prompt_tokens * spec.price[0]
+                    + spec.params.get("max_tokens", 256) * n * spec.price[1]
+                ) / 1e6
             lease = min(self.cfg.rate_limit.lease_size, self.cfg.per_actor_concurrency)
-            self._gates[spec.endpoint] = LeaseGate(self.quota, spec.endpoint, lease, est_tokens, est_cost)
+            self._gates[spec.endpoint] = LeaseGate(
+                self.quota, spec.endpoint, lease, est_tokens, est_cost
+            )
         return self._gates[spec.endpoint]
 
     async def _ask(self, spec: AskSpec, row: dict[str, Any]) -> Answer:
@@ -138,7 +182,11 @@ class TeacherCaller:
         if params.get("temperature", 0) > 0:
             # A stable per-row seed: sampled answers differ across rows, repeat across runs.
             params.setdefault("seed", int(row["id"][:8], 16))
-        key = cache_key(spec.endpoint, spec.model, messages, params) if self.cache is not None else None
+        key = (
+            cache_key(spec.endpoint, spec.model, messages, params)
+            if self.cache is not None
+            else None
+        )
         if key is not None:
             hit = self.cache.get(key)
             if hit is not None:
@@ -161,14 +209,28 @@ class TeacherCaller:
         answers = await asyncio.gather(*(self._ask(spec, row) for spec in self.specs))
         main = answers[0]
         gate = self._gate(main.spec, json.loads(row["messages"]))  # progress goes through it
-        counts = {"rows_done": 1, "cache_hits": sum(1 for a in answers if a.reply and a.reply.cached), "calls": sum(1 for a in answers if a.reply and not a.reply.cached)}
+        counts = {
+            "rows_done": 1,
+            "cache_hits": sum(1 for a in answers if a.reply and a.reply.cached),
+            "calls": sum(1 for a in answers if a.reply and not a.reply.cached),
+        }
         if main.reply is None:
             counts["errors"] = 1
             if main.budget is not None:
-                row.update(status=FAILED, reason=f"budget_exhausted: {main.budget}", error_class="BudgetExhausted")
+                row.update(
+                    status=FAILED,
+                    reason=f"budget_exhausted: {main.budget}",
+                    error_class="BudgetExhausted",
+                )
             else:
                 e = main.error
-                row.update(status=FAILED, reason=f"teacher_error: {e}", error_class=e.error_class, status_code=e.status_code, attempts=e.attempts)
+                row.update(
+                    status=FAILED,
+                    reason=f"teacher_error: {e}",
+                    error_class=e.error_class,
+                    status_code=e.status_code,
+                    attempts=e.attempts,
+                )
             row["teacher"] = main.spec.model
         else:
             r = main.reply
@@ -217,7 +279,14 @@ def votes_of(answers: list[Answer]) -> list[dict[str, Any]]:
     out = []
     for a in answers:
         if a.reply is None:
-            out.append({"teacher": a.spec.name, "sample": None, "response": None, "error": a.budget or str(a.error)})
+            out.append(
+                {
+                    "teacher": a.spec.name,
+                    "sample": None,
+                    "response": None,
+                    "error": a.budget or str(a.error),
+                }
+            )
             continue
         for i, text in enumerate(a.reply.texts):
             out.append({"teacher": a.spec.name, "sample": i, "response": text})
@@ -235,7 +304,9 @@ def parse_rows(rows: list[dict[str, Any]], task: TaskSection) -> list[dict[str, 
             votes = json.loads(row["votes"])
             for v in votes:
                 if v.get("response") is not None:
-                    v["label"] = parse_answer(v["response"], task.label_key, task.labels, task.label_aliases).label
+                    v["label"] = parse_answer(
+                        v["response"], task.label_key, task.labels, task.label_aliases
+                    ).label
             row["votes"] = dumps(votes)
         parsed = parse_answer(row["response"], task.label_key, task.labels, task.label_aliases)
         if parsed.output is None:
@@ -245,7 +316,9 @@ def parse_rows(rows: list[dict[str, Any]], task: TaskSection) -> list[dict[str, 
     return rows
 
 
-def expansion_rows(seeds: list[str], sc: SeedsSection, task: TaskSection, seed: int) -> list[dict[str, Any]]:
+def expansion_rows(
+    seeds: list[str], sc: SeedsSection, task: TaskSection, seed: int
+) -> list[dict[str, Any]]:
     """The requests that expand the seeds into ``sc.n_new`` new inputs: each shows a
     different random subset of the seeds, in a different order (diversity)."""
     if not seeds:
@@ -282,7 +355,13 @@ def synthetic_input_rows(
     insensitive) against the seeds and each other, at most ``sc.n_new``; plus counts."""
     seen = {" ".join(s.lower().split()) for s in seeds}
     out: list[dict[str, Any]] = []
-    counts = {"requests": len(answered), "failed_requests": 0, "generated": 0, "duplicates": 0, "kept": 0}
+    counts = {
+        "requests": len(answered),
+        "failed_requests": 0,
+        "generated": 0,
+        "duplicates": 0,
+        "kept": 0,
+    }
     source = f"seeds:{sc.path}"
     for row in answered:
         if row["status"] != OK:

@@ -38,7 +38,9 @@ def load_app(import_path: str, args: dict[str, Any]):
     return app
 
 
-def deploy(app, name: str, route_prefix: str = "/", timeout_s: float = 300.0, poll_s: float = 0.25) -> None:
+def deploy(
+    app, name: str, route_prefix: str = "/", timeout_s: float = 300.0, poll_s: float = 0.25
+) -> None:
     """Deploy and wait until RUNNING; fail (and free the route) on DEPLOY_FAILED, UNHEALTHY
     or timeout: `serve.run` alone would wait forever for a replica that cannot be placed."""
     from ray import serve
@@ -46,18 +48,29 @@ def deploy(app, name: str, route_prefix: str = "/", timeout_s: float = 300.0, po
 
     # Replicas log warnings only: the request log is ours (serve/requests.jsonl), not theirs.
     quiet = {"enable_access_log": False, "log_level": "WARNING"}
-    serve.run_many([serve.RunTarget(target=app, name=name, route_prefix=route_prefix, logging_config=quiet)], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    serve.run_many(
+        [serve.RunTarget(target=app, name=name, route_prefix=route_prefix, logging_config=quiet)],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
     deadline = time.monotonic() + timeout_s
     while True:
         st = serve.status().applications.get(name)
         if st is not None and st.status == ApplicationStatus.RUNNING:
             return
-        failed = st is not None and st.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
+        failed = st is not None and st.status in (
+            ApplicationStatus.DEPLOY_FAILED,
+            ApplicationStatus.UNHEALTHY,
+        )
         if failed or time.monotonic() > deadline:
-            details = {} if st is None else {d: (s.status, s.message) for d, s in st.deployments.items()}
+            details = (
+                {} if st is None else {d: (s.status, s.message) for d, s in st.deployments.items()}
+            )
             message = st.message if st is not None else "not created"
             serve.delete(name)  # a failed app keeps its route prefix otherwise
-            raise RuntimeError(f"serve app {name!r} did not start ({'failed' if failed else f'timeout {timeout_s}s'}): {message} {details}")
+            raise RuntimeError(
+                f"serve app {name!r} did not start ({'failed' if failed else f'timeout {timeout_s}s'}): {message} {details}"
+            )
         time.sleep(poll_s)
 
 
@@ -67,7 +80,9 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def smoke_batch(base_url: str, messages: list[list[dict[str, Any]]], max_tokens: int) -> list[dict[str, Any]]:
+def smoke_batch(
+    base_url: str, messages: list[list[dict[str, Any]]], max_tokens: int
+) -> list[dict[str, Any]]:
     """Send each conversation through the router with the real openai client; record who
     answered, the latency, and any error."""
     import openai
@@ -77,11 +92,28 @@ def smoke_batch(base_url: str, messages: list[list[dict[str, Any]]], max_tokens:
     for msgs in messages:
         started = time.perf_counter()
         try:
-            raw = client.chat.completions.with_raw_response.create(model="auto", messages=msgs, max_tokens=max_tokens)
+            raw = client.chat.completions.with_raw_response.create(
+                model="auto", messages=msgs, max_tokens=max_tokens
+            )
             completion = raw.parse()
-            results.append({"target": raw.headers.get(TARGET_HEADER), "model": completion.model, "answer": completion.choices[0].message.content, "latency_ms": (time.perf_counter() - started) * 1000, "error": None})
+            results.append(
+                {
+                    "target": raw.headers.get(TARGET_HEADER),
+                    "model": completion.model,
+                    "answer": completion.choices[0].message.content,
+                    "latency_ms": (time.perf_counter() - started) * 1000,
+                    "error": None,
+                }
+            )
         except openai.APIStatusError as e:
-            results.append({"target": e.response.headers.get(TARGET_HEADER), "answer": None, "latency_ms": (time.perf_counter() - started) * 1000, "error": f"{e.status_code}: {e.message}"})
+            results.append(
+                {
+                    "target": e.response.headers.get(TARGET_HEADER),
+                    "answer": None,
+                    "latency_ms": (time.perf_counter() - started) * 1000,
+                    "error": f"{e.status_code}: {e.message}",
+                }
+            )
     client.close()
     return results
 
@@ -114,7 +146,11 @@ def run_serve(run: Run, endpoint: TeacherEndpoint) -> dict[str, Any]:
     url = f"http://{sc.host}:{port}/v1"
     log.info("serving %s at %s (weights %s)", checkpoint, url, dict(sc.weights))
 
-    inputs = [json.loads(r["messages"]) for r in eval_rows(run)][: sc.smoke_requests] if sc.smoke_requests else []
+    inputs = (
+        [json.loads(r["messages"]) for r in eval_rows(run)][: sc.smoke_requests]
+        if sc.smoke_requests
+        else []
+    )
     results = smoke_batch(url, inputs, cfg.evaluate.max_new_tokens) if inputs else []
     smoke_path = out / "smoke.jsonl"
     smoke_path.write_text("".join(json.dumps(r) + "\n" for r in results))
@@ -128,7 +164,12 @@ def run_serve(run: Run, endpoint: TeacherEndpoint) -> dict[str, Any]:
         "requests": len(results),
         "answered_by": dict(Counter(r["target"] for r in results if r["error"] is None)),
         "errors": sum(1 for r in results if r["error"] is not None),
-        "latency_ms": {"p50": round(statistics.median(latencies), 2), "max": round(latencies[-1], 2)} if latencies else {},
+        "latency_ms": {
+            "p50": round(statistics.median(latencies), 2),
+            "max": round(latencies[-1], 2),
+        }
+        if latencies
+        else {},
         "deploy_seconds": round(deploy_s, 2),
         "request_log": str(request_log),
         "smoke_file": str(smoke_path),

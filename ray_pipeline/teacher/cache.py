@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 
-def cache_key(endpoint: str, model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+def cache_key(
+    endpoint: str, model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+) -> str:
     blob = json.dumps(
         {"endpoint": endpoint.rstrip("/"), "model": model, "messages": messages, "params": params},
         sort_keys=True,

@@ -110,7 +110,9 @@ class TeacherClient:
             ),
         )
 
-    async def complete(self, messages: list[dict[str, Any]], gate: Gate | None = None, **params: Any) -> TeacherReply:
+    async def complete(
+        self, messages: list[dict[str, Any]], gate: Gate | None = None, **params: Any
+    ) -> TeacherReply:
         """One chat completion (``params``: temperature, max_tokens, n, seed, ...), retried.
 
         With a `gate`, every attempt first waits for a start slot of the shared rate limit

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # A storm needs evidence: this many answers over at least this long (a handful of 429s in the
 # first milliseconds says nothing about the rate the server accepts).
 MIN_STORM_EVENTS = 20
@@ -122,20 +121,35 @@ class Quota:
             return 0
         room, limit = k, None
         if self.max_cost_usd is not None and est_cost > 0:
-            fits = int(max(0.0, self.max_cost_usd - self.spent_cost - self.reserved_cost) // est_cost)
+            fits = int(
+                max(0.0, self.max_cost_usd - self.spent_cost - self.reserved_cost) // est_cost
+            )
             if fits < room:
-                room, limit = fits, f"max_cost_usd {self.max_cost_usd} reached (spent {self.spent_cost:.4f})"
+                room, limit = (
+                    fits,
+                    f"max_cost_usd {self.max_cost_usd} reached (spent {self.spent_cost:.4f})",
+                )
         if self.max_tokens is not None and est_tokens > 0:
             fits = max(0, self.max_tokens - self.spent_tokens - self.reserved_tokens) // est_tokens
             if fits < room:
-                room, limit = fits, f"max_tokens {self.max_tokens} reached (spent {self.spent_tokens})"
+                room, limit = (
+                    fits,
+                    f"max_tokens {self.max_tokens} reached (spent {self.spent_tokens})",
+                )
         # Requests in flight may cost less than reserved and give budget back: stop only
         # when none is left to come back.
         if room == 0 and limit and self.reserved_cost <= 1e-12 and self.reserved_tokens == 0:
             self.budget_stop = limit
         return room
 
-    def settle(self, reserved_tokens: int, reserved_cost: float, tokens: int, cost: float, counters: dict[str, int] | None = None) -> None:
+    def settle(
+        self,
+        reserved_tokens: int,
+        reserved_cost: float,
+        tokens: int,
+        cost: float,
+        counters: dict[str, int] | None = None,
+    ) -> None:
         """Replace reservations by what was really used; add progress counters."""
         self.reserved_tokens = max(0, self.reserved_tokens - reserved_tokens)
         self.reserved_cost = max(0.0, self.reserved_cost - reserved_cost)
@@ -145,7 +159,9 @@ class Quota:
             self.counters.update(counters)
 
     # ------------------------------------------------------------------ 429s and storms
-    def outcomes(self, endpoint: str, ok: int, rate_limited: int, retry_after_s: float | None) -> float:
+    def outcomes(
+        self, endpoint: str, ok: int, rate_limited: int, retry_after_s: float | None
+    ) -> float:
         """Record responses; on a storm pause the pool and lower its rate. Returns the pause
         (seconds from now) in force on the endpoint."""
         now = self.clock()
@@ -207,7 +223,9 @@ class LeaseGate:
     (``release``); the quota keeps each slot's estimated cost reserved until then, so the
     budget holds even with many requests in flight."""
 
-    def __init__(self, quota: Any, endpoint: str, lease_size: int, est_tokens: int, est_cost: float):
+    def __init__(
+        self, quota: Any, endpoint: str, lease_size: int, est_tokens: int, est_cost: float
+    ):
         self.quota = quota  # a Quota, or a Ray actor handle running one
         self.endpoint = endpoint
         self.lease_size = lease_size
@@ -240,7 +258,9 @@ class LeaseGate:
                 if self._stop:
                     raise BudgetExhausted(self._stop)
                 await self._flush()
-                lease: Lease = await self._call("lease", self.endpoint, self.lease_size, self.est_tokens, self.est_cost)
+                lease: Lease = await self._call(
+                    "lease", self.endpoint, self.lease_size, self.est_tokens, self.est_cost
+                )
                 now = time.monotonic()
                 self._paused_until = max(self._paused_until, now + lease.paused_for)
                 self._slots.extend(now + d for d in lease.delays)  # already after the pause
@@ -300,7 +320,9 @@ class LeaseGate:
         n, tokens, cost, counters = self._released, self._tokens, self._cost, self._counters
         self._released, self._tokens, self._cost, self._counters = 0, 0, 0.0, Counter()
         if n or counters:
-            await self._call("settle", n * self.est_tokens, n * self.est_cost, tokens, cost, dict(counters))
+            await self._call(
+                "settle", n * self.est_tokens, n * self.est_cost, tokens, cost, dict(counters)
+            )
 
     async def flush(self) -> None:
         """Report what is pending; when the budget is nearly spent also give back the slots

@@ -21,7 +21,19 @@ def ray_local():
 def start_simulator(tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
     ready = tmp / f"sim-url-{time.monotonic_ns()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ray_pipeline.cli", "teacher-sim", "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready), *args],
+        [
+            sys.executable,
+            "-m",
+            "ray_pipeline.cli",
+            "teacher-sim",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -67,5 +79,7 @@ def e2e_run(tmp_path_factory):
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        raise RuntimeError(f"distill run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise RuntimeError(
+            f"distill run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return out / "e2e"

@@ -15,7 +15,9 @@ from ray_pipeline.pipeline import run_stages
 pytestmark = pytest.mark.integration
 
 
-def test_curate_keeps_good_rows_and_says_why_it_dropped_the_rest(ray_local, simulator, tmp_path, monkeypatch):
+def test_curate_keeps_good_rows_and_says_why_it_dropped_the_rest(
+    ray_local, simulator, tmp_path, monkeypatch
+):
     url = simulator("--rule", "quickstart", "--error-rate", "0")
     monkeypatch.setenv("CURATE_KEY", "k")
     good = synthetic.generate_comments(20, seed=4)
@@ -37,7 +39,11 @@ def test_curate_keeps_good_rows_and_says_why_it_dropped_the_rest(ray_local, simu
     cfg = load_config(
         data={
             "run": {"name": "cur", "output_dir": str(tmp_path / "runs"), "run_id": "cur"},
-            "task": {"prompt": {"template": synthetic.PROMPT}, "label_key": "toxic", "labels": ["0", "1"]},
+            "task": {
+                "prompt": {"template": synthetic.PROMPT},
+                "label_key": "toxic",
+                "labels": ["0", "1"],
+            },
             "teacher": {"base_url": url, "api_key_env": "CURATE_KEY", "cache": {"enabled": False}},
             "data": {"logs": [{"path": str(logs), "response_field": "answer"}]},
             "curate": {"min_chars": 5, "exclude_patterns": ["https?://"]},
@@ -47,13 +53,27 @@ def test_curate_keeps_good_rows_and_says_why_it_dropped_the_rest(ray_local, simu
     run = run_stages(cfg, ["generate", "curate"], "cur")
     report = json.loads((run.dir / "report.json").read_text())["curate"]
     assert report["rows_in"] == 28 and report["kept"] == 20
-    assert report["reasons"] == {"duplicate": 1, "excluded_pattern": 1, "too_short": 1, "test_overlap": 1, "missing_label": 1, "invalid_label": 1, "parse_error": 1, "malformed_record": 1}
+    assert report["reasons"] == {
+        "duplicate": 1,
+        "excluded_pattern": 1,
+        "too_short": 1,
+        "test_overlap": 1,
+        "missing_label": 1,
+        "invalid_label": 1,
+        "parse_error": 1,
+        "malformed_record": 1,
+    }
     kept = pq.read_table(run.dir / "dataset" / "train").to_pylist()
     assert sorted(r["input"] for r in kept) == sorted(good)
     assert all(r["label"] == synthetic.true_label(r["input"]) for r in kept)
-    rejected = {r["input"]: r["reason"] for r in pq.read_table(run.dir / "dataset" / "rejected").to_pylist()}
+    rejected = {
+        r["input"]: r["reason"] for r in pq.read_table(run.dir / "dataset" / "rejected").to_pylist()
+    }
     assert rejected[test_input] == "test_overlap: input is in test set 'held'"
     assert rejected["recorded answer, not a label"].startswith("invalid_label: 7")
     manifest = json.loads((run.dir / "dataset" / "manifest.json").read_text())
     assert manifest["counts"] == {"in": 28, "ok": 20, "filtered": 6, "failed": 2}
-    assert manifest["filters"]["exclude_patterns"] == ["https?://"] and manifest["labels"] == report["labels"]
+    assert (
+        manifest["filters"]["exclude_patterns"] == ["https?://"]
+        and manifest["labels"] == report["labels"]
+    )

@@ -32,7 +32,11 @@ def test_report_has_every_stage_and_the_student_learned(e2e_run):
 def test_every_input_record_is_one_row(e2e_run, root):
     report = load_report(e2e_run)
     gen, cur = report["generate"], report["curate"]
-    log_records = sum(1 for line in (root / "configs/data/quickstart/logs.jsonl").read_text().splitlines() if line.strip())
+    log_records = sum(
+        1
+        for line in (root / "configs/data/quickstart/logs.jsonl").read_text().splitlines()
+        if line.strip()
+    )
     assert gen["rows"] == log_records + gen["synthetic"]["kept"]
     assert gen["malformed_records"] == 2 and gen["status"]["failed"] >= 2
     assert cur["rows_in"] == gen["rows"] == cur["kept"] + cur["filtered"] + cur["failed"]
@@ -41,7 +45,11 @@ def test_every_input_record_is_one_row(e2e_run, root):
     assert kept.num_rows == cur["kept"] and all(r["reason"] for r in rejected)
     assert cur["reasons"]["duplicate"] >= 5  # the re-sent inputs of the logs
     manifest = json.loads((e2e_run / "dataset" / "manifest.json").read_text())
-    assert manifest["rows"] == cur["kept"] and manifest["content_sha256"] and manifest["sources"][0]["sha256"]
+    assert (
+        manifest["rows"] == cur["kept"]
+        and manifest["content_sha256"]
+        and manifest["sources"][0]["sha256"]
+    )
     ckpt = json.loads((e2e_run / "train" / "checkpoint" / "distill_checkpoint.json").read_text())
     assert ckpt["manifest"] == str(e2e_run / "dataset" / "manifest.json")
 
@@ -55,6 +63,12 @@ def test_serve_split_traffic_and_logged_every_request(e2e_run, root, in_root):
     assert len(records) == 12 and all(r["status"] == 200 for r in records)
     # The request log is the next round's input: it reads as a log, teacher answers kept.
     cfg = load_config(root / "configs/quickstart.yaml")
-    rows = log_rows(log_lines, "requests.jsonl", LogSource(path="requests.jsonl"), Prompt.from_task(cfg.task), cfg.task)
+    rows = log_rows(
+        log_lines,
+        "requests.jsonl",
+        LogSource(path="requests.jsonl"),
+        Prompt.from_task(cfg.task),
+        cfg.task,
+    )
     assert [r["status"] for r in rows] == [OK] * 12
     assert sum(r["response"] is not None for r in rows) == serve["answered_by"].get("teacher", 0)

@@ -45,8 +45,21 @@ def write_logs(path: Path, n: int, seed: int = 5, broken: int = 0) -> list[str]:
 def config(tmp: Path, url: str, logs: Path, run_id: str, **teacher) -> dict:
     return {
         "run": {"name": "faults", "output_dir": str(tmp / "runs"), "run_id": run_id},
-        "task": {"prompt": {"template": synthetic.PROMPT}, "label_key": "toxic", "labels": ["0", "1"]},
-        "teacher": {"base_url": url, "model": "sim-teacher", "api_key_env": KEY_ENV, "max_tokens": 16, "actors": 2, "per_actor_concurrency": 8, "batch_size": 16, **teacher},
+        "task": {
+            "prompt": {"template": synthetic.PROMPT},
+            "label_key": "toxic",
+            "labels": ["0", "1"],
+        },
+        "teacher": {
+            "base_url": url,
+            "model": "sim-teacher",
+            "api_key_env": KEY_ENV,
+            "max_tokens": 16,
+            "actors": 2,
+            "per_actor_concurrency": 8,
+            "batch_size": 16,
+            **teacher,
+        },
         "data": {"logs": [{"path": str(logs)}]},
     }
 
@@ -62,14 +75,50 @@ def _key(monkeypatch):
 
 
 def test_every_input_accounted_for_under_faults(ray_local, simulator, tmp_path):
-    url = simulator("--rule", "quickstart", "--seed", "3", "--latency-ms", "5", "--rate-429", "0.05", "--retry-after", "0.2", "--rate-500", "0.05", "--rate-503", "0.05", "--rate-malformed", "0.04", "--rate-unparsable", "0.05", "--rate-hang", "0.02", "--hang-s", "5")
+    url = simulator(
+        "--rule",
+        "quickstart",
+        "--seed",
+        "3",
+        "--latency-ms",
+        "5",
+        "--rate-429",
+        "0.05",
+        "--retry-after",
+        "0.2",
+        "--rate-500",
+        "0.05",
+        "--rate-503",
+        "0.05",
+        "--rate-malformed",
+        "0.04",
+        "--rate-unparsable",
+        "0.05",
+        "--rate-hang",
+        "0.02",
+        "--hang-s",
+        "5",
+    )
     logs = tmp_path / "logs.jsonl"
     texts = write_logs(logs, 300, broken=4)
-    run = generate(config(tmp_path, url, logs, "faults", timeout_s=1.0, max_attempts=4, backoff_base_s=0.05, backoff_max_s=0.2))
+    run = generate(
+        config(
+            tmp_path,
+            url,
+            logs,
+            "faults",
+            timeout_s=1.0,
+            max_attempts=4,
+            backoff_base_s=0.05,
+            backoff_max_s=0.2,
+        )
+    )
     rows = pq.read_table(run.dir / "generate" / "rows").to_pylist()
     assert len(rows) == 304  # one row per record, the 4 broken lines included
     assert len({(r["source"], r["source_line"]) for r in rows}) == 304
-    assert {r["input"] for r in rows if r["status"] == OK} | {r["input"] for r in rows if r["reason"] and r["reason"].startswith("parse_error")} <= set(texts)
+    assert {r["input"] for r in rows if r["status"] == OK} | {
+        r["input"] for r in rows if r["reason"] and r["reason"].startswith("parse_error")
+    } <= set(texts)
     by_reason = {}
     for r in rows:
         by_reason.setdefault((r["reason"] or "ok").split(":")[0], []).append(r)
@@ -90,14 +139,28 @@ def _storm_run(tmp_path, url, run_id, storm_share):
     sim(url, "/metrics/reset", "POST")
     logs = tmp_path / f"{run_id}.jsonl"
     write_logs(logs, 150, seed=hash(run_id) % 1000)
-    run = generate(config(tmp_path, url, logs, run_id, per_actor_concurrency=16, max_attempts=30, backoff_base_s=0.05, rate_limit={"storm_share": storm_share, "storm_window_s": 2.0}, cache={"enabled": False}))
+    run = generate(
+        config(
+            tmp_path,
+            url,
+            logs,
+            run_id,
+            per_actor_concurrency=16,
+            max_attempts=30,
+            backoff_base_s=0.05,
+            rate_limit={"storm_share": storm_share, "storm_window_s": 2.0},
+            cache={"enabled": False},
+        )
+    )
     return sim(url), load_report(run.dir)["generate"]
 
 
 def test_a_429_storm_slows_the_whole_pool(ray_local, simulator, tmp_path):
     """The server allows 40 requests/s per key; 32 requests in flight that only retry one by
     one keep hammering it, a pool that pauses and caps its rate on a storm does not."""
-    url = simulator("--rule", "quickstart", "--latency-ms", "20", "--rpm-per-key", "2400", "--rpm-burst", "5")
+    url = simulator(
+        "--rule", "quickstart", "--latency-ms", "20", "--rpm-per-key", "2400", "--rpm-burst", "5"
+    )
     naive, naive_report = _storm_run(tmp_path, url, "naive", storm_share=None)
     pooled, pooled_report = _storm_run(tmp_path, url, "pooled", storm_share=0.3)
     assert pooled_report["status"] == {"ok": 150}  # the naive pool may run out of attempts
@@ -105,7 +168,9 @@ def test_a_429_storm_slows_the_whole_pool(ray_local, simulator, tmp_path):
     assert pooled["rate_limited"] * 2 < naive["rate_limited"], (pooled, naive)
 
 
-def test_budget_stop_leaves_a_valid_partial_dataset_that_a_rerun_completes(ray_local, simulator, tmp_path):
+def test_budget_stop_leaves_a_valid_partial_dataset_that_a_rerun_completes(
+    ray_local, simulator, tmp_path
+):
     url = simulator("--rule", "quickstart", "--latency-ms", "5")
     logs = tmp_path / "logs.jsonl"
     write_logs(logs, 200)
@@ -129,7 +194,9 @@ def test_budget_stop_leaves_a_valid_partial_dataset_that_a_rerun_completes(ray_l
     assert sim(url)["requests"] - sent == len(refused)
     again = pq.read_table(run_dir / "generate" / "rows").to_pylist()
     assert len(again) == 200 and all(r["status"] == OK for r in again)
-    assert {r["id"]: r["response"] for r in again if r["id"] in {d["id"] for d in done}} == {d["id"]: d["response"] for d in done}
+    assert {r["id"]: r["response"] for r in again if r["id"] in {d["id"] for d in done}} == {
+        d["id"]: d["response"] for d in done
+    }
 
 
 def test_killed_run_resumes_repeating_at_most_1_percent_of_completed_calls(simulator, tmp_path):
@@ -141,7 +208,14 @@ def test_killed_run_resumes_repeating_at_most_1_percent_of_completed_calls(simul
     cfg_path.write_text(yaml.safe_dump(data))
     cache_dir = tmp_path / "runs" / "cache" / "teacher"
     env = {**os.environ, KEY_ENV: "k"}
-    driver = subprocess.Popen([sys.executable, "-m", "ray_pipeline.cli", "generate", str(cfg_path), "--run-id", "killed"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "ray_pipeline.cli", "generate", str(cfg_path), "--run-id", "killed"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     try:
         while sim(url)["ok"] < 600:
@@ -155,7 +229,22 @@ def test_killed_run_resumes_repeating_at_most_1_percent_of_completed_calls(simul
     completed = sum(1 for _ in cache_dir.rglob("*.json"))  # answers the killed run received
     assert 600 <= completed < 2500
     sent_before = sim(url)["requests"]
-    rerun = subprocess.run([sys.executable, "-m", "ray_pipeline.cli", "generate", str(cfg_path), "--run-id", "resumed"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ray_pipeline.cli",
+            "generate",
+            str(cfg_path),
+            "--run-id",
+            "resumed",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     rerun_calls = sim(url)["requests"] - sent_before
     repeated = rerun_calls - (2500 - completed)

@@ -33,9 +33,38 @@ def router(ray_local, e2e_run, tmp_path_factory):
     checkpoint = load_report(e2e_run)["evaluate"]["checkpoint"]
     base = {"checkpoint": checkpoint, "teacher_model": "sim-teacher", "num_cpus": 0.1, "seed": 7}
     log = tmp / "requests.jsonl"
-    deploy(load_app(APP_IMPORT_PATH, {**base, "teacher_base_url": good_url, "weights": {"student": 0.5, "teacher": 0.5}, "request_log": str(log)}), "split", route_prefix="/split")
-    deploy(load_app(APP_IMPORT_PATH, {**base, "teacher_base_url": bad_url, "weights": {"student": 0.0, "teacher": 1.0}, "timeout_s": 20}), "broken", route_prefix="/broken")
-    clients = {name: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{name}/v1", api_key="none", max_retries=0) for name in ("split", "broken")}
+    deploy(
+        load_app(
+            APP_IMPORT_PATH,
+            {
+                **base,
+                "teacher_base_url": good_url,
+                "weights": {"student": 0.5, "teacher": 0.5},
+                "request_log": str(log),
+            },
+        ),
+        "split",
+        route_prefix="/split",
+    )
+    deploy(
+        load_app(
+            APP_IMPORT_PATH,
+            {
+                **base,
+                "teacher_base_url": bad_url,
+                "weights": {"student": 0.0, "teacher": 1.0},
+                "timeout_s": 20,
+            },
+        ),
+        "broken",
+        route_prefix="/broken",
+    )
+    clients = {
+        name: openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/{name}/v1", api_key="none", max_retries=0
+        )
+        for name in ("split", "broken")
+    }
     yield clients, log
     serve.shutdown()
     for p in (good_proc, bad_proc):
@@ -44,7 +73,9 @@ def router(ray_local, e2e_run, tmp_path_factory):
 
 
 def ask(client, text, **kw):
-    raw = client.chat.completions.with_raw_response.create(model=kw.pop("model", "auto"), messages=PROMPT.messages(text), max_tokens=16, **kw)
+    raw = client.chat.completions.with_raw_response.create(
+        model=kw.pop("model", "auto"), messages=PROMPT.messages(text), max_tokens=16, **kw
+    )
     return raw.headers[TARGET_HEADER], raw.parse()
 
 
@@ -58,13 +89,19 @@ def test_split_answers_from_both_targets_and_says_which(router):
     assert 5 <= seen.count("student") <= 25 and seen.count("student") + seen.count("teacher") == 30
     records = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["served_by"] for r in records][-30:] == seen
-    assert all(r["request"]["messages"][0]["role"] == "user" and r["response"]["choices"] for r in records)
+    assert all(
+        r["request"]["messages"][0]["role"] == "user" and r["response"]["choices"] for r in records
+    )
 
 
 def test_model_field_picks_the_target(router):
     clients, _ = router
-    assert {ask(clients["split"], "what a clown", model="teacher")[0] for _ in range(5)} == {"teacher"}
-    assert {ask(clients["split"], "what a clown", model="student")[0] for _ in range(5)} == {"student"}
+    assert {ask(clients["split"], "what a clown", model="teacher")[0] for _ in range(5)} == {
+        "teacher"
+    }
+    assert {ask(clients["split"], "what a clown", model="student")[0] for _ in range(5)} == {
+        "student"
+    }
     models = clients["split"].models.list()
     assert {m.id for m in models.data} == {"auto", "student", "teacher"}
 
@@ -74,7 +111,9 @@ def test_bad_requests_get_400_with_a_message(router):
     with pytest.raises(openai.BadRequestError, match="messages"):
         clients["split"].chat.completions.create(model="auto", messages=[])
     with pytest.raises(openai.BadRequestError, match="stream=true is not supported"):
-        clients["split"].chat.completions.create(model="auto", messages=PROMPT.messages("x"), stream=True)
+        clients["split"].chat.completions.create(
+            model="auto", messages=PROMPT.messages("x"), stream=True
+        )
 
 
 def test_a_failing_teacher_gives_502_with_the_reason(router):

@@ -9,11 +9,10 @@ import urllib.request
 
 import pytest
 
-from ray_pipeline.config import TeacherSection
+from ray_pipeline.config import TaskSection, TeacherSection
 from ray_pipeline.data import synthetic
 from ray_pipeline.data.schema import FAILED, OK, dumps, new_row, row_id
 from ray_pipeline.generate.teacher_calls import TeacherCaller, ask_specs, parse_rows
-from ray_pipeline.config import TaskSection
 from ray_pipeline.teacher.prompts import Prompt
 from ray_pipeline.teacher.quota import Quota
 
@@ -24,7 +23,13 @@ TASK = TaskSection(prompt={"template": synthetic.PROMPT}, label_key="toxic", lab
 
 def rows(n, seed=0):
     return [
-        new_row(id=row_id("t", text), source="t", source_line=i, input=text, messages=dumps(PROMPT.messages(text)))
+        new_row(
+            id=row_id("t", text),
+            source="t",
+            source_line=i,
+            input=text,
+            messages=dumps(PROMPT.messages(text)),
+        )
         for i, text in enumerate(synthetic.generate_comments(n, seed))
     ]
 
@@ -49,9 +54,24 @@ def run_caller(url, teacher: dict, batch, quota=None, cache_dir=None):
 
 def test_every_row_answered_and_cached(simulator, tmp_path):
     url = simulator("--rule", "quickstart", "--label-key", "toxic")
-    out = parse_rows(run_caller(url, {"per_actor_concurrency": 8}, rows(40), Quota({"simulator:0": {}}), str(tmp_path / "cache")), TASK)
+    out = parse_rows(
+        run_caller(
+            url,
+            {"per_actor_concurrency": 8},
+            rows(40),
+            Quota({"simulator:0": {}}),
+            str(tmp_path / "cache"),
+        ),
+        TASK,
+    )
     assert [r["status"] for r in out] == [OK] * 40
-    assert all(r["label"] in ("0", "1") and r["prompt_tokens"] > 0 and r["attempts"] == 1 and not r["cached"] for r in out)
+    assert all(
+        r["label"] in ("0", "1")
+        and r["prompt_tokens"] > 0
+        and r["attempts"] == 1
+        and not r["cached"]
+        for r in out
+    )
     sent = metrics(url)["ok"]
     again = run_caller(url, {}, rows(40), Quota({"simulator:0": {}}), str(tmp_path / "cache"))
     assert metrics(url)["ok"] == sent == 40  # the re-run made zero calls
@@ -62,7 +82,13 @@ def test_every_row_answered_and_cached(simulator, tmp_path):
 def test_budget_stops_cleanly_and_accounts_every_row(simulator):
     url = simulator("--rule", "quickstart")
     quota = Quota({"simulator:0": {}}, max_cost_usd=0.01)
-    teacher = {"model": "sim-teacher", "max_tokens": 10, "per_actor_concurrency": 4, "rate_limit": {"lease_size": 2}, "prices": {"sim-teacher": {"input_per_mtok": 100.0, "output_per_mtok": 100.0}}}
+    teacher = {
+        "model": "sim-teacher",
+        "max_tokens": 10,
+        "per_actor_concurrency": 4,
+        "rate_limit": {"lease_size": 2},
+        "prices": {"sim-teacher": {"input_per_mtok": 100.0, "output_per_mtok": 100.0}},
+    }
     out = run_caller(url, teacher, rows(60), quota)
     ok = [r for r in out if r["status"] == OK]
     refused = [r for r in out if r["status"] == FAILED]
@@ -74,11 +100,23 @@ def test_budget_stops_cleanly_and_accounts_every_row(simulator):
 
 def test_voters_and_samples_fill_votes(simulator):
     url = simulator("--rule", "quickstart", "--error-rate", "0.3")
-    teacher = {"n": 3, "temperature": 0.7, "voters": [{"name": "strict", "prompt": {"template": "Strictly: " + synthetic.PROMPT}, "n": 2}]}
+    teacher = {
+        "n": 3,
+        "temperature": 0.7,
+        "voters": [
+            {"name": "strict", "prompt": {"template": "Strictly: " + synthetic.PROMPT}, "n": 2}
+        ],
+    }
     out = parse_rows(run_caller(url, teacher, rows(5)), TASK)
     for r in out:
         votes = json.loads(r["votes"])
-        assert [(v["teacher"], v["sample"]) for v in votes] == [("main", 0), ("main", 1), ("main", 2), ("strict", 0), ("strict", 1)]
+        assert [(v["teacher"], v["sample"]) for v in votes] == [
+            ("main", 0),
+            ("main", 1),
+            ("main", 2),
+            ("strict", 0),
+            ("strict", 1),
+        ]
         assert all(v["label"] in ("0", "1") for v in votes)
         assert r["label"] == votes[0]["label"]
     assert metrics(url)["ok"] == 10  # one request per teacher per row, n samples each

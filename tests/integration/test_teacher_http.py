@@ -50,7 +50,14 @@ def test_connection_errors_are_retried_then_fail():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(TeacherCallError) as exc:
-        asyncio.run(_complete(f"http://127.0.0.1:{port}/v1", [{"role": "user", "content": "x"}], max_attempts=3, backoff_base_s=0.01))
+        asyncio.run(
+            _complete(
+                f"http://127.0.0.1:{port}/v1",
+                [{"role": "user", "content": "x"}],
+                max_attempts=3,
+                backoff_base_s=0.01,
+            )
+        )
     assert exc.value.attempts == 3 and exc.value.status_code is None
     # The aiohttp transport reports a refused connection as a connect timeout.
     assert exc.value.error_class in {"APIConnectionError", "APITimeoutError"}

@@ -21,5 +21,12 @@ def test_backoff_is_jittered_exponential_and_capped():
 
 
 def test_teacher_call_error_survives_pickling():
-    e = pickle.loads(pickle.dumps(TeacherCallError("Error code: 500", "InternalServerError", 500, 3)))
-    assert (str(e), e.error_class, e.status_code, e.attempts) == ("Error code: 500", "InternalServerError", 500, 3)
+    e = pickle.loads(
+        pickle.dumps(TeacherCallError("Error code: 500", "InternalServerError", 500, 3))
+    )
+    assert (str(e), e.error_class, e.status_code, e.attempts) == (
+        "Error code: 500",
+        "InternalServerError",
+        500,
+        3,
+    )

@@ -23,9 +23,9 @@ def test_every_shipped_config_loads(root, in_root):
         cfg = load_config(path)
         assert cfg.task.labels
         first_lines = path.read_text().splitlines()[:12]
-        assert any(path.name in line and ("distill" in line or "jobs." in line) for line in first_lines), (
-            f"{path.name}: the header must show the command that runs it"
-        )
+        assert any(
+            path.name in line and ("distill" in line or "jobs." in line) for line in first_lines
+        ), f"{path.name}: the header must show the command that runs it"
 
 
 def test_all_problems_reported_with_field_paths():
@@ -52,7 +52,10 @@ def test_missing_required_sections_named():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(data=_base(), overrides=["train.epochs=2", "train.lora.r=4", "serve.enabled=false", "run.name=x"])
+    cfg = load_config(
+        data=_base(),
+        overrides=["train.epochs=2", "train.lora.r=4", "serve.enabled=false", "run.name=x"],
+    )
     assert cfg.train.epochs == 2 and cfg.train.lora.r == 4
     assert cfg.serve.enabled is False and cfg.run.name == "x"
 

@@ -15,12 +15,34 @@ TASK = TaskSection(prompt={"template": "{input}"}, label_key="label", labels=["0
 
 
 def row(text, line=0, source="s", status=OK, label="1", response='{"label": 1}', **kw):
-    return new_row(id=f"{source}-{text}", source=source, source_line=line, input=text, status=status, label=label, response=response, **kw)
+    return new_row(
+        id=f"{source}-{text}",
+        source=source,
+        source_line=line,
+        input=text,
+        status=status,
+        label=label,
+        response=response,
+        **kw,
+    )
 
 
 def test_rule_filter_reasons():
-    f = RuleFilter(CurateSection(min_chars=3, max_chars=10, max_response_chars=20, exclude_patterns=["(?i)http"]))
-    rows = f([row("ab"), row("x" * 11), row("fine", response="y" * 21), row("see HTTP"), row("good"), row("no", status=FAILED)])
+    f = RuleFilter(
+        CurateSection(
+            min_chars=3, max_chars=10, max_response_chars=20, exclude_patterns=["(?i)http"]
+        )
+    )
+    rows = f(
+        [
+            row("ab"),
+            row("x" * 11),
+            row("fine", response="y" * 21),
+            row("see HTTP"),
+            row("good"),
+            row("no", status=FAILED),
+        ]
+    )
     assert [r["reason"] for r in rows] == [
         "too_short: 2 chars < 3",
         "too_long: 11 chars > 10",
@@ -33,7 +55,14 @@ def test_rule_filter_reasons():
 
 
 def test_label_filter_names_the_problem():
-    rows = LabelFilter(TASK)([row("a", label=None, response='{"other": 1}'), row("b", label=None, response='{"label": 5}'), row("c", label=None, response=None), row("d")])
+    rows = LabelFilter(TASK)(
+        [
+            row("a", label=None, response='{"other": 1}'),
+            row("b", label=None, response='{"label": 5}'),
+            row("c", label=None, response=None),
+            row("d"),
+        ]
+    )
     assert rows[0]["reason"] == "missing_label: answer has no key 'label'"
     assert rows[1]["reason"].startswith("invalid_label: 5")
     assert rows[2]["reason"].startswith("no_answer")
@@ -41,13 +70,21 @@ def test_label_filter_names_the_problem():
 
 
 def test_test_overlap():
-    rows = TestOverlapFilter({normalize_text("Hello  World"): "balanced"})([row("hello world"), row("hello")])
+    rows = TestOverlapFilter({normalize_text("Hello  World"): "balanced"})(
+        [row("hello world"), row("hello")]
+    )
     assert rows[0]["reason"] == "test_overlap: input is in test set 'balanced'"
     assert rows[1]["status"] == OK
 
 
 def test_exact_dedup_keeps_first_by_source_and_line():
-    rows = [row("B  x", line=3), row("b x", line=1), row("b X", line=2, source="a"), row("other", line=4), row("b x", line=5, status=FAILED)]
+    rows = [
+        row("B  x", line=3),
+        row("b x", line=1),
+        row("b X", line=2, source="a"),
+        row("other", line=4),
+        row("b x", line=5, status=FAILED),
+    ]
     dups = find_exact_duplicates(rows)
     # source "a" sorts first, so its line-2 row is the one kept.
     assert dups == {("s", 1): "a-b X", ("s", 3): "a-b X"}

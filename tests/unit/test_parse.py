@@ -4,7 +4,13 @@ import csv
 
 import pytest
 
-from ray_pipeline.teacher.parse import ParseError, normalize_label, parse_answer, parse_list, parse_structured
+from ray_pipeline.teacher.parse import (
+    ParseError,
+    normalize_label,
+    parse_answer,
+    parse_list,
+    parse_structured,
+)
 
 ALIASES = {"true": "1", "false": "0"}
 
@@ -28,8 +34,12 @@ def test_parse_answer_formats(text, mode, label):
 
 
 def test_parse_failures_say_why():
-    assert parse_answer("", "is_bad", ["0", "1"], ALIASES).error.startswith("parse_error: empty answer")
-    assert parse_answer("I cannot help with that.", "is_bad", ["0", "1"], ALIASES).error.startswith("parse_error")
+    assert parse_answer("", "is_bad", ["0", "1"], ALIASES).error.startswith(
+        "parse_error: empty answer"
+    )
+    assert parse_answer("I cannot help with that.", "is_bad", ["0", "1"], ALIASES).error.startswith(
+        "parse_error"
+    )
     missing = parse_answer('{"toxic": 1}', "is_bad", ["0", "1"], ALIASES)
     assert missing.output == {"toxic": 1} and missing.label is None
     assert missing.error == "missing_label: answer has no key 'is_bad'"
@@ -55,13 +65,14 @@ def test_parse_structured_prefers_fenced_block():
 
 def test_parse_list():
     assert parse_list('["a", " b ", ""]') == ["a", "b"]
-    assert parse_list("```json\n[\"x\", \"y\"]\n```") == ["x", "y"]
+    assert parse_list('```json\n["x", "y"]\n```') == ["x", "y"]
     assert parse_list("1. first\n- second\n\n* third") == ["first", "second", "third"]
 
 
 def test_jigsaw_gpt4_responses_parse_to_published_accuracy(jigsaw_dir):
     """The real GPT-4 logs: every answer parses; accuracy matches the case study (88.75%)."""
-    rows = list(csv.DictReader(open(jigsaw_dir / "test.balanced.gpt-4.responses.csv", newline="")))
+    with open(jigsaw_dir / "test.balanced.gpt-4.responses.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     correct = 0
     for r in rows:
         parsed = parse_answer(r["simple_prompt"], "is_bad", ["0", "1"], ALIASES)

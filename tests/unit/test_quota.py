@@ -72,7 +72,10 @@ def test_token_budget():
     q = Quota({"e": {}}, max_tokens=250, clock=Clock())
     assert len(q.lease("e", 5, 100, 0.0).delays) == 2
     q.settle(200, 0.0, 200, 0.0)
-    assert q.lease("e", 5, 100, 0.0).delays == [] and "max_tokens 250 reached" in q.snapshot()["budget_stop"]
+    assert (
+        q.lease("e", 5, 100, 0.0).delays == []
+        and "max_tokens 250 reached" in q.snapshot()["budget_stop"]
+    )
 
 
 def test_sporadic_429s_do_not_pause_but_a_storm_does():

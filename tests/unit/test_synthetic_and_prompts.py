@@ -11,11 +11,16 @@ def test_committed_quickstart_data_matches_the_generator(root, tmp_path):
     written = synthetic.write_quickstart_files(tmp_path)
     for name, path in written.items():
         committed = root / "configs" / "data" / "quickstart" / path.name
-        assert committed.read_text() == path.read_text(), f"{committed} differs from the generator ({name})"
+        assert committed.read_text() == path.read_text(), (
+            f"{committed} differs from the generator ({name})"
+        )
 
 
 def test_quickstart_task_properties(root):
-    test = [json.loads(x) for x in (root / "configs/data/quickstart/test.jsonl").read_text().splitlines()]
+    test = [
+        json.loads(x)
+        for x in (root / "configs/data/quickstart/test.jsonl").read_text().splitlines()
+    ]
     assert len(test) == 200
     share = sum(r["label"] == "1" for r in test) / len(test)
     assert 0.4 < share < 0.6  # about balanced: the majority baseline is near 50%
