@@ -649,20 +649,34 @@ def _format_error(err: dict[str, Any]) -> str:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML. A number
+    selects an item of a list: ``data.logs.0.limit=100``."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ConfigError([f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=2"])
-    node = data
+    node: Any = data
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError([f"--set {assignment!r}: {part!r} is not a section"])
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[:i]) or "the config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    [
+                        f"--set {assignment!r}: {where} is a list of {len(node)}; {part!r} is not an index in it"
+                    ]
+                )
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            index = part
+            if not last and node.get(part) is None:
+                node[part] = {}
+        else:
+            raise ConfigError([f"--set {assignment!r}: {where} is not a section or a list"])
+        if last:
+            node[index] = yaml.safe_load(raw)
+        else:
+            node = node[index]
 
 
 def load_config(

@@ -131,3 +131,12 @@ def test_cluster_yamls_pass_the_ray_cluster_schema(root):
     assert files
     for path in files:
         jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+
+
+def test_overrides_reach_into_lists():
+    cfg = load_config(data=_base(), overrides=["data.logs.0.limit=7", "data.logs.0.path=y.csv"])
+    assert cfg.data.logs[0].limit == 7 and str(cfg.data.logs[0].path) == "y.csv"
+    with pytest.raises(ConfigError, match="data.logs is a list of 1; '3' is not an index"):
+        load_config(data=_base(), overrides=["data.logs.3.limit=7"])
+    with pytest.raises(ConfigError, match="run.name is not a section or a list"):
+        load_config(data=_base(), overrides=["run.name=x", "run.name.y=1"])
