@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,35 +38,9 @@ sys.path.insert(0, str(ROOT))
 from ray_pipeline.config import load_config  # noqa: E402
 from ray_pipeline.data import synthetic  # noqa: E402
 from ray_pipeline.teacher.prompts import Prompt  # noqa: E402
+from ray_pipeline.teacher.simulator import simulator_process  # noqa: E402
 
 KEY_ENV = "DISTILL_BENCH_KEY"
-
-
-def start_simulator(tmp: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    ready = tmp / f"sim-{time.monotonic_ns()}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ray_pipeline.cli",
-            "teacher-sim",
-            "--rule",
-            "quickstart",
-            "--port",
-            "0",
-            "--ready-file",
-            str(ready),
-            *flags,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError("the simulator did not start")
-        time.sleep(0.05)
-    return proc, ready.read_text()
 
 
 def sim(url: str, path: str, method: str = "GET") -> dict:
@@ -176,78 +149,40 @@ def main() -> None:
     import ray
 
     ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    result: dict = {}
-    procs = []
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp_s:
         tmp = Path(tmp_s)
         texts = synthetic.generate_comments(args.rows, seed=11)
         logs = tmp / "logs.jsonl"
         write_logs(logs, texts)
-        try:
-            # Peak: 20 ms, 256 in flight; the bare client first, then the stage, then the rerun.
-            proc, url = start_simulator(tmp, "--latency-ms", "20")
-            procs.append(proc)
+        # Peak: 20 ms, 256 in flight; the bare client first, then the stage, then the rerun.
+        with simulator_process("--rule", "quickstart", "--latency-ms", "20") as url:
             bare = bare_client(url, texts, 256)
-            peak = stage_run(
-                url,
-                logs,
-                tmp / "peak",
-                "peak",
-                {"actors": 2, "per_actor_concurrency": 128, "batch_size": 128},
-            )
-            rerun = stage_run(
-                url,
-                logs,
-                tmp / "peak",
-                "peak-rerun",
-                {"actors": 2, "per_actor_concurrency": 128, "batch_size": 128},
-            )
-            # Latency-bound: 200 ms, 64 in flight.
-            proc, url = start_simulator(tmp, "--latency-ms", "200")
-            procs.append(proc)
-            slow = stage_run(
-                url,
-                logs,
-                tmp / "slow",
-                "slow",
-                {"actors": 2, "per_actor_concurrency": 32, "batch_size": 32},
-            )
-            # Rate-limited: an RPM cap shared by the pool, 10% of requests answered 429.
-            limited_texts = texts[: args.rate_limited_rows]
-            limited_logs = tmp / "limited.jsonl"
-            write_logs(limited_logs, limited_texts)
-            proc, url = start_simulator(
-                tmp,
-                "--latency-ms",
-                "50",
-                "--rate-429",
-                "0.1",
-                "--retry-after",
-                "1",
-                "--rpm-per-key",
-                str(args.rpm_cap * 1.1),
-            )
-            procs.append(proc)
-            limited = stage_run(
-                url,
-                limited_logs,
-                tmp / "limited",
-                "limited",
-                {
-                    "actors": 2,
-                    "per_actor_concurrency": 32,
-                    "batch_size": 32,
-                    "rate_limit": {"rpm": args.rpm_cap},
-                    "max_attempts": 8,
-                },
-            )
-        finally:
-            for p in procs:
-                p.terminate()
-                p.wait()
+            peak_teacher = {"actors": 2, "per_actor_concurrency": 128, "batch_size": 128}
+            peak = stage_run(url, logs, tmp / "peak", "peak", peak_teacher)
+            rerun = stage_run(url, logs, tmp / "peak", "peak-rerun", peak_teacher)
+        # Latency-bound: 200 ms, 64 in flight.
+        with simulator_process("--rule", "quickstart", "--latency-ms", "200") as url:
+            slow_teacher = {"actors": 2, "per_actor_concurrency": 32, "batch_size": 32}
+            slow = stage_run(url, logs, tmp / "slow", "slow", slow_teacher)
+        # Rate-limited: an RPM cap shared by the pool, 10% of requests answered 429.
+        limited_logs = tmp / "limited.jsonl"
+        write_logs(limited_logs, texts[: args.rate_limited_rows])
+        faults = ["--latency-ms", "50", "--rate-429", "0.1", "--retry-after", "1"]
+        limit = ["--rpm-per-key", str(args.rpm_cap * 1.1)]
+        with simulator_process("--rule", "quickstart", *faults, *limit) as url:
+            limited_teacher = {
+                **slow_teacher,
+                "rate_limit": {"rpm": args.rpm_cap},
+                "max_attempts": 8,
+            }
+            limited = stage_run(url, limited_logs, tmp / "limited", "limited", limited_teacher)
     ideal = 64 / 0.2
     cap = args.rpm_cap / 60
     result = {

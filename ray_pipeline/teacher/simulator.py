@@ -37,7 +37,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -559,44 +559,37 @@ def spec_from_config(cfg) -> SimulatorSpec:
 
 
 @contextlib.contextmanager
-def running_simulator(
-    config_file: str | Path, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0
-):
-    """Start `distill teacher-sim --from-config FILE` as a child process; yield its base URL;
-    stop it on exit."""
+def simulator_process(
+    *args: str, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0
+) -> Iterator[str]:
+    """Run `distill teacher-sim ARGS` as a child process; yield its base URL once it listens;
+    stop it on exit. Used by runs (``running_simulator``), tests and benchmarks."""
     with tempfile.TemporaryDirectory(prefix="distill-sim-") as tmp:
         ready = Path(tmp) / "url"
-        log = open(Path(tmp) / "sim.log", "w+")  # noqa: SIM115 - closed below
-        cmd = [
-            sys.executable,
-            "-m",
-            "ray_pipeline.cli",
-            "teacher-sim",
-            "--from-config",
-            str(config_file),
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--ready-file",
-            str(ready),
-        ]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(
-                        f"teacher simulator did not start (exit code {proc.poll()}):\n{log.read()[-3000:]}"
-                    )
-                time.sleep(0.05)
-            yield ready.read_text()
-        finally:
-            proc.terminate()
+        with open(Path(tmp) / "sim.log", "w+") as log:
+            cmd = [sys.executable, "-m", "ray_pipeline.cli", "teacher-sim", *args]
+            cmd += ["--host", host, "--port", str(port), "--ready-file", str(ready)]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+                deadline = time.monotonic() + timeout_s
+                while not ready.exists():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        raise RuntimeError(
+                            f"teacher simulator did not start (exit code {proc.poll()}):\n"
+                            f"{log.read()[-3000:]}"
+                        )
+                    time.sleep(0.05)
+                yield ready.read_text()
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def running_simulator(config_file: str | Path, host: str = "127.0.0.1", port: int = 0):
+    """The simulator a run config describes (`distill teacher-sim --from-config FILE`)."""
+    return simulator_process("--from-config", str(config_file), host=host, port=port)

@@ -3,6 +3,7 @@ the simulator as teacher, called with the real openai client."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import openai
@@ -12,6 +13,7 @@ from ray_pipeline.data import synthetic
 from ray_pipeline.evaluate.report import load_report
 from ray_pipeline.serving.stage import APP_IMPORT_PATH, TARGET_HEADER, deploy, free_port, load_app
 from ray_pipeline.teacher.prompts import Prompt
+from ray_pipeline.teacher.simulator import simulator_process
 
 pytestmark = pytest.mark.integration
 PROMPT = Prompt(synthetic.PROMPT)
@@ -23,11 +25,10 @@ def router(ray_local, e2e_run, tmp_path_factory):
     that always fails (the simulator answering 500)."""
     from ray import serve
 
-    from tests.integration.conftest import start_simulator
-
     tmp = tmp_path_factory.mktemp("serve")
-    good_proc, good_url = start_simulator(tmp, "--rule", "quickstart")
-    bad_proc, bad_url = start_simulator(tmp, "--rate-500", "1.0")
+    sims = contextlib.ExitStack()
+    good_url = sims.enter_context(simulator_process("--rule", "quickstart"))
+    bad_url = sims.enter_context(simulator_process("--rate-500", "1.0"))
     port = free_port("127.0.0.1")
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     checkpoint = load_report(e2e_run)["evaluate"]["checkpoint"]
@@ -67,9 +68,7 @@ def router(ray_local, e2e_run, tmp_path_factory):
     }
     yield clients, log
     serve.shutdown()
-    for p in (good_proc, bad_proc):
-        p.terminate()
-        p.wait()
+    sims.close()
 
 
 def ask(client, text, **kw):
