@@ -35,6 +35,9 @@ AddressOpt = Annotated[
 
 
 def _setup_logging() -> None:
+    # Client libraries log every HTTP request at INFO: the progress lines say more, briefer.
+    for noisy in ("httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
