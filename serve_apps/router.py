@@ -100,7 +100,8 @@ async def _wait(response: Any) -> Any:
     return await response  # a DeploymentResponse is awaitable but not a coroutine
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+# The router only awaits its targets: many requests per replica.
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Router:
     def __init__(

@@ -8,7 +8,8 @@ from ray import serve
 from serve_apps.completions import completion
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+# Enough requests per replica to fill a batch of 16.
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 class StudentModel:
     """Loads the checkpoint once per replica; concurrent requests are batched into one
     ``generate`` call (run in a thread, so the replica keeps accepting requests)."""

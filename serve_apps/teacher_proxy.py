@@ -19,7 +19,8 @@ _PASSED_ON = (
 )
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+# Waiting on the teacher costs nothing: many requests per replica.
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 class TeacherProxy:
     """The API key is read from the replica's environment (``api_key_env``), never passed
     through the Serve config, which Serve stores."""
