@@ -61,11 +61,7 @@ def stage_run(url: str, logs: Path, out: Path, run_id: str, teacher: dict) -> di
     cfg = load_config(
         data={
             "run": {"name": "bench", "output_dir": str(out), "run_id": run_id},
-            "task": {
-                "prompt": {"template": synthetic.PROMPT},
-                "label_key": "toxic",
-                "labels": ["0", "1"],
-            },
+            "task": synthetic.TASK,
             "teacher": {
                 "base_url": url,
                 "model": "sim-teacher",

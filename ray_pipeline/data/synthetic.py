@@ -93,6 +93,15 @@ PROMPT = (
 )
 
 
+# The task section of a run config for this task (configs/quickstart.yaml spells it out).
+TASK = {
+    "name": "toxicity",
+    "prompt": {"template": PROMPT},
+    "label_key": "toxic",
+    "labels": ["0", "1"],
+}
+
+
 def true_label(text: str) -> str:
     """The gold rule: '1' when the comment contains an insult word, else '0'."""
     return "1" if _INSULT_RE.search(text) else "0"

@@ -39,11 +39,7 @@ def test_curate_keeps_good_rows_and_says_why_it_dropped_the_rest(
     cfg = load_config(
         data={
             "run": {"name": "cur", "output_dir": str(tmp_path / "runs"), "run_id": "cur"},
-            "task": {
-                "prompt": {"template": synthetic.PROMPT},
-                "label_key": "toxic",
-                "labels": ["0", "1"],
-            },
+            "task": synthetic.TASK,
             "teacher": {"base_url": url, "api_key_env": "CURATE_KEY", "cache": {"enabled": False}},
             "data": {"logs": [{"path": str(logs), "response_field": "answer"}]},
             "curate": {"min_chars": 5, "exclude_patterns": ["https?://"]},

@@ -45,11 +45,7 @@ def write_logs(path: Path, n: int, seed: int = 5, broken: int = 0) -> list[str]:
 def config(tmp: Path, url: str, logs: Path, run_id: str, **teacher) -> dict:
     return {
         "run": {"name": "faults", "output_dir": str(tmp / "runs"), "run_id": run_id},
-        "task": {
-            "prompt": {"template": synthetic.PROMPT},
-            "label_key": "toxic",
-            "labels": ["0", "1"],
-        },
+        "task": synthetic.TASK,
         "teacher": {
             "base_url": url,
             "model": "sim-teacher",

@@ -39,11 +39,7 @@ def curated_run(tmp_path: Path, train: dict, sweep: dict, n_rows: int = 160) -> 
     manifest = write_manifest(tmp_path / "dataset" / "manifest.json", {"content_sha256": "test"})
     cfg = load_config(
         data={
-            "task": {
-                "prompt": {"template": synthetic.PROMPT},
-                "label_key": "toxic",
-                "labels": ["0", "1"],
-            },
+            "task": synthetic.TASK,
             "teacher": {"simulator": {"enabled": True, "rule": "quickstart"}},
             "data": {"logs": [{"path": "unused.jsonl"}]},
             "train": train,

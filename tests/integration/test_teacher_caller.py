@@ -18,7 +18,7 @@ from ray_pipeline.teacher.quota import Quota
 
 pytestmark = pytest.mark.integration
 PROMPT = Prompt(synthetic.PROMPT)
-TASK = TaskSection(prompt={"template": synthetic.PROMPT}, label_key="toxic", labels=["0", "1"])
+TASK = TaskSection.model_validate(synthetic.TASK)
 
 
 def rows(n, seed=0):

@@ -51,12 +51,7 @@ def curated_run(tmp_path: Path, train: dict, n_rows: int = 240) -> Run:
     cfg = load_config(
         data={
             "run": {"seed": 3},
-            "task": {
-                "name": "toxicity",
-                "prompt": {"template": synthetic.PROMPT},
-                "label_key": "toxic",
-                "labels": ["0", "1"],
-            },
+            "task": synthetic.TASK,
             "teacher": {"simulator": {"enabled": True, "rule": "quickstart"}},
             "data": {"logs": [{"path": "unused.jsonl"}]},
             "train": train,

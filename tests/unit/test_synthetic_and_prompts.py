@@ -50,3 +50,11 @@ def test_prompt_render_and_extract():
     assert p.extract(msgs[1]["content"]) == "a {b} 'c'"
     assert p.extract("something else") is None
     assert p.hash != Prompt("Text: '%s'\nAnswer:", "%s").hash
+
+
+def test_the_quickstart_config_spells_out_the_synthetic_task(root, in_root):
+    from ray_pipeline.config import TaskSection, load_config
+
+    assert load_config(root / "configs/quickstart.yaml").task == TaskSection.model_validate(
+        synthetic.TASK
+    )
