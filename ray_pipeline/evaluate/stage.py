@@ -110,32 +110,28 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
     checkpoint, checkpoint_from = student_checkpoint(report, run.dir)
     baseline = majority_label(require(report, "curate", run.dir)["labels"])
     out = run.stage_dir("evaluate")
-    rows = eval_rows(run)
+    tests = ray.data.from_arrow(to_table(eval_rows(run)))  # read by both student and teacher
 
-    student_rows = (
-        ray.data.from_arrow(to_table(rows))
-        .map_batches(
-            StudentPredictor,
-            fn_constructor_kwargs={
-                "checkpoint": checkpoint,
-                "task": cfg.task,
-                "max_new_tokens": cfg.evaluate.max_new_tokens,
-            },
-            batch_format="pyarrow",
-            batch_size=cfg.evaluate.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=1,
-            num_gpus=1 if cfg.train.use_gpu else 0,
-        )
-        .take_all()
-    )
+    student_rows = tests.map_batches(
+        StudentPredictor,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "task": cfg.task,
+            "max_new_tokens": cfg.evaluate.max_new_tokens,
+        },
+        batch_format="pyarrow",
+        batch_size=cfg.evaluate.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+        num_gpus=1 if cfg.train.use_gpu else 0,
+    ).take_all()
     teacher_rows: list[dict[str, Any]] = []
     if cfg.evaluate.teacher:
         if endpoint is None:
             raise ValueError("evaluate.teacher is true but no teacher endpoint was given")
         teacher_rows = (
             TeacherSession(run, endpoint)
-            .pool(ray.data.from_arrow(to_table(rows)), params={"n": 1}, voters=False)
+            .pool(tests, params={"n": 1}, voters=False)
             .map_batches(parse_batch, fn_kwargs={"task": cfg.task}, batch_format="pyarrow")
             .take_all()
         )

@@ -74,15 +74,13 @@ class TeacherSession:
         self.endpoint = endpoint
         t = run.cfg.teacher
         self.simulator = t.simulator.enabled
-        limits = {
-            spec.endpoint: {}
-            for spec in ask_specs(t, endpoint.base_url, endpoint.api_key, self.simulator)
-        }
-        main = ask_specs(t, endpoint.base_url, endpoint.api_key, self.simulator, voters=False)[0]
-        limits[main.endpoint] = {"rpm": t.rate_limit.rpm, "tpm": t.rate_limit.tpm}
         # One quota per invocation, shared by every stage and actor that calls the teacher
         # (a new invocation, e.g. with a bigger budget, starts from its own config).
         if run.quota is None:
+            specs = ask_specs(t, endpoint.base_url, endpoint.api_key, self.simulator)
+            limits = {spec.endpoint: {} for spec in specs}
+            # The configured rate limit is the main teacher's endpoint's (specs[0]).
+            limits[specs[0].endpoint] = {"rpm": t.rate_limit.rpm, "tpm": t.rate_limit.tpm}
             run.quota = (
                 ray.remote(Quota)
                 .options(num_cpus=0)
@@ -271,7 +269,7 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
     }
     malformed = [
         r
-        for r in table.to_pylist()
+        for r in table.select(["status", "reason", "source", "source_line", "input"]).to_pylist()
         if r["status"] == FAILED and (r["reason"] or "").startswith(MALFORMED)
     ]
     malformed_path = out / "malformed.jsonl"

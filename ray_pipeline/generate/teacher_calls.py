@@ -38,9 +38,7 @@ class AskSpec:
     api_key: str
     model: str
     params: dict[str, Any]  # temperature, max_tokens, n
-    prompt: tuple[str, str, str | None] | None = (
-        None  # (template, placeholder, system); None: the row's messages
-    )
+    prompt: Prompt | None = None  # the voter's own prompt; None: the row's messages
     price: tuple[float, float] | None = None  # USD per million prompt / completion tokens
 
 
@@ -86,7 +84,9 @@ def ask_specs(
             "max_tokens": cfg.max_tokens,
             "n": v.n,
         }
-        prompt = (v.prompt.text(), v.prompt.placeholder, v.prompt.system) if v.prompt else None
+        prompt = (
+            Prompt(v.prompt.text(), v.prompt.placeholder, v.prompt.system) if v.prompt else None
+        )
         specs.append(
             AskSpec(
                 v.name,
@@ -174,10 +174,11 @@ class TeacherCaller:
             )
         return self._gates[spec.endpoint]
 
-    async def _ask(self, spec: AskSpec, row: dict[str, Any]) -> Answer:
-        messages = json.loads(row["messages"])
+    async def _ask(
+        self, spec: AskSpec, row: dict[str, Any], messages: list[dict[str, Any]]
+    ) -> Answer:
         if spec.prompt is not None and row["input"] is not None:
-            messages = Prompt(*spec.prompt).messages(row["input"])
+            messages = spec.prompt.messages(row["input"])
         params = dict(spec.params)
         if params.get("temperature", 0) > 0:
             # A stable per-row seed: sampled answers differ across rows, repeat across runs.
@@ -206,9 +207,10 @@ class TeacherCaller:
         return Answer(spec, reply)
 
     async def _fill(self, row: dict[str, Any]) -> None:
-        answers = await asyncio.gather(*(self._ask(spec, row) for spec in self.specs))
+        messages = json.loads(row["messages"])
+        answers = await asyncio.gather(*(self._ask(spec, row, messages) for spec in self.specs))
         main = answers[0]
-        gate = self._gate(main.spec, json.loads(row["messages"]))  # progress goes through it
+        gate = self._gate(main.spec, messages)  # progress goes through it
         counts = {
             "rows_done": 1,
             "cache_hits": sum(1 for a in answers if a.reply and a.reply.cached),
