@@ -10,10 +10,16 @@ noisy, ratios are what count):
   semaphore) sending the same requests to the same server;
 * ``rate_limited_ratio``: with 10% of requests answered 429 (Retry-After: 1) under a
   cluster-wide RPM cap, rows/s over the cap;
-* ``rerun_calls``: teacher requests made by an identical second run (the cache answers all).
+* ``rerun_calls``: teacher requests made by an identical second run (the cache answers all);
+* ``stage_ratio_5000`` / ``stage_ratio_10000``: at 200 ms and 64 in flight, rows over the
+  generate stage's own seconds (reading, the actor pool, writing, the report section: what a
+  user waits for), over the ideal; ``fixed_overhead_s_*``: stage seconds minus the seconds
+  the server was busy; ``bare_client_wall_ratio_5000``: the same for a bare client loop, by
+  its wall clock (a single-process asyncio peer doing the same job).
 
 Rates are the server's view: answered rows over the time from the first request to the last
-answer (the stage's start-up, Ray actors included, is reported separately as ``wall_s``).
+answer; ``stage_s`` and ``wall_s`` (the whole call, Ray's planning included) are reported
+beside them.
 
     python benchmarks/teacher_throughput.py            # 10,000 rows per scenario
     python benchmarks/teacher_throughput.py --rows 2000
@@ -35,10 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 from ray_pipeline.config import load_config  # noqa: E402
 from ray_pipeline.data import synthetic  # noqa: E402
-from ray_pipeline.teacher.prompts import Prompt  # noqa: E402
-from ray_pipeline.teacher.simulator import simulator_process  # noqa: E402
+from ray_pipeline.data.prompts import Prompt  # noqa: E402
+from ray_pipeline.teacher.sim_server import simulator_process  # noqa: E402
 
 KEY_ENV = "DISTILL_BENCH_KEY"
 
@@ -49,14 +57,26 @@ def sim(url: str, path: str, method: str = "GET") -> dict:
         return json.load(r)
 
 
+def simulator(tmp: Path, **settings):
+    """The simulator with these teacher.simulator settings (a config file, as for a run)."""
+    path = tmp / f"sim-{len(list(tmp.glob('sim-*.yaml')))}.yaml"
+    data = {
+        "task": synthetic.TASK,
+        "teacher": {"model": "sim-teacher", "simulator": {"enabled": True, **settings}},
+        "data": {"logs": [{"path": "unused.jsonl"}]},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return simulator_process(path)
+
+
 def write_logs(path: Path, texts: list[str]) -> None:
     path.write_text("".join(json.dumps({"input": t}) + "\n" for t in texts))
 
 
 def stage_run(url: str, logs: Path, out: Path, run_id: str, teacher: dict) -> dict:
     """One generate stage, as `distill generate` runs it, on the given server."""
-    from ray_pipeline.evaluate.report import load_report
     from ray_pipeline.pipeline import run_stages
+    from ray_pipeline.run_state import load_report
 
     cfg = load_config(
         data={
@@ -87,6 +107,8 @@ def stage_run(url: str, logs: Path, out: Path, run_id: str, teacher: dict) -> di
         "requests": m["requests"],
         "busy_s": m["busy_s"],
         "rows_per_s": ok / m["busy_s"] if m["busy_s"] else None,
+        "stage_s": gen["seconds"],
+        "fixed_overhead_s": round(gen["seconds"] - m["busy_s"], 2) if m["busy_s"] else None,
         "wall_s": round(wall, 2),
         "cache_hits": gen["cache_hits"],
     }
@@ -134,6 +156,13 @@ def bare_client(url: str, texts: list[str], concurrency: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=10_000, help="rows of the throughput scenarios")
+    ap.add_argument(
+        "--stage-rows",
+        type=int,
+        nargs="+",
+        default=[5_000, 10_000],
+        help="rows of the stage-overhead runs at 200 ms, 64 in flight",
+    )
     ap.add_argument("--rate-limited-rows", type=int, default=2_000)
     ap.add_argument(
         "--rpm-cap", type=float, default=6_000.0, help="RPM cap of the rate-limited scenario"
@@ -158,21 +187,28 @@ def main() -> None:
         logs = tmp / "logs.jsonl"
         write_logs(logs, texts)
         # Peak: 20 ms, 256 in flight; the bare client first, then the stage, then the rerun.
-        with simulator_process("--rule", "quickstart", "--latency-ms", "20") as url:
+        with simulator(tmp, rule="quickstart", latency_ms=20) as url:
             bare = bare_client(url, texts, 256)
             peak_teacher = {"actors": 2, "per_actor_concurrency": 128, "batch_size": 128}
             peak = stage_run(url, logs, tmp / "peak", "peak", peak_teacher)
             rerun = stage_run(url, logs, tmp / "peak", "peak-rerun", peak_teacher)
-        # Latency-bound: 200 ms, 64 in flight.
-        with simulator_process("--rule", "quickstart", "--latency-ms", "200") as url:
-            slow_teacher = {"actors": 2, "per_actor_concurrency": 32, "batch_size": 32}
-            slow = stage_run(url, logs, tmp / "slow", "slow", slow_teacher)
+        # Latency-bound: 200 ms, 64 in flight; the stage at each size, the bare client beside.
+        slow_teacher = {"actors": 2, "per_actor_concurrency": 32, "batch_size": 32}
+        sized: dict[int, dict] = {}
+        with simulator(tmp, rule="quickstart", latency_ms=200) as url:
+            for n in sorted({*args.stage_rows, args.rows}):
+                n_logs = tmp / f"logs-{n}.jsonl"
+                write_logs(n_logs, synthetic.generate_comments(n, seed=11))
+                sized[n] = stage_run(url, n_logs, tmp / f"slow-{n}", f"slow-{n}", slow_teacher)
+            peer_rows = min(args.stage_rows)
+            peer = bare_client(url, synthetic.generate_comments(peer_rows, seed=11), 64)
+        slow = sized[args.rows]
         # Rate-limited: an RPM cap shared by the pool, 10% of requests answered 429.
         limited_logs = tmp / "limited.jsonl"
         write_logs(limited_logs, texts[: args.rate_limited_rows])
-        faults = ["--latency-ms", "50", "--rate-429", "0.1", "--retry-after", "1"]
-        limit = ["--rpm-per-key", str(args.rpm_cap * 1.1)]
-        with simulator_process("--rule", "quickstart", *faults, *limit) as url:
+        faults = {"latency_ms": 50, "rate_429": 0.1, "retry_after_s": 1}
+        limit = {"rpm_per_key": args.rpm_cap * 1.1}
+        with simulator(tmp, rule="quickstart", **faults, **limit) as url:
             limited_teacher = {
                 **slow_teacher,
                 "rate_limit": {"rpm": args.rpm_cap},
@@ -193,8 +229,12 @@ def main() -> None:
         "rate_limit_rows_per_s": cap,
         "rate_limited_ratio": round(limited["rows_per_s"] / cap, 3),
         "rerun_calls": rerun["requests"],
+        **{f"stage_ratio_{n}": round(n / r["stage_s"] / ideal, 3) for n, r in sized.items()},
+        **{f"fixed_overhead_s_{n}": r["fixed_overhead_s"] for n, r in sized.items()},
+        f"bare_client_wall_ratio_{peer_rows}": round(peer_rows / peer["wall_s"] / ideal, 3),
         "runs": {
-            "slow_200ms_c64": slow,
+            **{f"slow_200ms_c64_{n}": r for n, r in sized.items()},
+            f"bare_client_200ms_c64_{peer_rows}": peer,
             "peak_20ms_c256": peak,
             "bare_client_20ms_c256": bare,
             "rerun": rerun,

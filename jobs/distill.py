@@ -1,10 +1,10 @@
-"""Job: the whole loop (generate, curate, train, sweep, evaluate, serve).
+"""Job: the whole loop (generate, curate, train, sweep, evaluate, serve): `distill run`.
 
 python -m jobs.distill configs/quickstart.yaml
 ray job submit --working-dir . -- python -m jobs.distill configs/quickstart.yaml
 """
 
-from jobs._entry import job_main
+from ray_pipeline.cli import job
 
 if __name__ == "__main__":
-    job_main("distill")
+    job("run")

@@ -4,7 +4,7 @@ python -m jobs.sweep configs/quickstart.yaml
 ray job submit --working-dir . -- python -m jobs.sweep configs/quickstart.yaml
 """
 
-from jobs._entry import job_main
+from ray_pipeline.cli import job
 
 if __name__ == "__main__":
-    job_main("sweep")
+    job("sweep")

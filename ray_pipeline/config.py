@@ -336,6 +336,12 @@ class SeedsSection(Section):
         4, gt=0, description="Seed examples shown in one request (rotating subsets)."
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    max_tokens: int = Field(
+        2048,
+        gt=0,
+        description="Max tokens of one expansion answer (a list of per_request new inputs; "
+        "an answer cut at this length loses its last items).",
+    )
     topics: list[str] = Field(
         default_factory=list, description="Topics rotated across requests ({topic})."
     )
@@ -364,6 +370,12 @@ class SeedsSection(Section):
 class DataSection(Section):
     logs: list[LogSource] = Field(default_factory=list, description="Production logs to read.")
     seeds: SeedsSection | None = Field(None, description="Seed examples the teacher expands.")
+    block_rows: int = Field(
+        4096,
+        gt=0,
+        description="Rows per block when reading a log: a read task holds one block in "
+        "memory, whatever the size of the file.",
+    )
 
     @model_validator(mode="after")
     def _some_input(self) -> DataSection:

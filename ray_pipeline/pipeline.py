@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from ray_pipeline.config import DistillConfig
-from ray_pipeline.evaluate.report import STAGES, update_report
-from ray_pipeline.runtime import Run, init_ray, open_run, teacher_endpoint
+from ray_pipeline.run_state import STAGES, Run, open_run
+from ray_pipeline.runtime import init_ray
+from ray_pipeline.teacher.session import teacher_endpoint
 
 log = logging.getLogger("distill")
 
 NEEDS_TEACHER = {"generate", "evaluate", "serve"}
-
-
-def latest_run_id(cfg: DistillConfig) -> str | None:
-    """The newest run folder of this config's run name, if any."""
-    root = Path(cfg.run.output_dir)
-    runs = (
-        sorted(root.glob(f"{cfg.run.name}-*"), key=lambda p: p.stat().st_mtime)
-        if root.exists()
-        else []
-    )
-    return runs[-1].name if runs else None
 
 
 def _stage(stage: str, run: Run, endpoint, **options) -> dict:
@@ -71,7 +60,7 @@ def _run_stages(run: Run, stages: list[str], endpoint, options: dict | None = No
         log.info("=== %s ===", stage)
         section = _stage(stage, run, endpoint, **(options or {}).get(stage, {}))
         section.setdefault("seconds", round(time.perf_counter() - started, 2))
-        update_report(run, stage, section)
+        run.write_section(stage, section)
         if section.get("budget_stop"):
             failed = section["reasons"].get("budget_exhausted", 0)
             raise RunStopped(
@@ -111,5 +100,5 @@ def run_all(cfg: DistillConfig, run_id: str | None = None, address: str | None =
     if cfg.serve.enabled:
         stages.append("serve")
     run = run_stages(cfg, stages, run_id, address)
-    log.info("report: %s", run.dir / "report.md")
+    log.info("report: %s", run.paths.report_md)
     return run

@@ -13,7 +13,6 @@ from collections import Counter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ray_pipeline.config import CurateSection, TaskSection
 from ray_pipeline.curate.filters import (
@@ -27,8 +26,7 @@ from ray_pipeline.curate.filters import (
 from ray_pipeline.data.manifest import content_hash, source_entry, write_manifest
 from ray_pipeline.data.schema import FAILED, FILTERED, OK, to_table
 from ray_pipeline.data.sources import read_texts
-from ray_pipeline.evaluate.report import load_report, require
-from ray_pipeline.runtime import Run
+from ray_pipeline.run_state import Run
 
 log = logging.getLogger("distill.curate")
 
@@ -60,7 +58,8 @@ def run_curate(run: Run) -> dict[str, Any]:
 
     started = time.perf_counter()
     cfg = run.cfg
-    rows_dir = require(load_report(run.dir), "generate", run.dir)["outputs"]["rows"]
+    run.require("generate")
+    rows_dir = str(run.paths.generated_rows)
     test_inputs = eval_set_inputs(run) if cfg.curate.drop_test_overlap else {}
     ds = ray.data.read_parquet(rows_dir).map_batches(
         _filters_batch,
@@ -76,8 +75,8 @@ def run_curate(run: Run) -> dict[str, Any]:
         )
     ds = ds.materialize()
 
-    out = run.stage_dir("dataset")
-    train_dir, rejected_dir = out / "train", out / "rejected"
+    run.stage_dir("dataset")
+    train_dir, rejected_dir = run.paths.dataset_train, run.paths.dataset_rejected
     for d in (train_dir, rejected_dir):
         shutil.rmtree(d, ignore_errors=True)
     ds.filter(lambda r: r["status"] == OK).write_parquet(str(train_dir))
@@ -98,7 +97,7 @@ def run_curate(run: Run) -> dict[str, Any]:
     if cfg.data.seeds is not None:
         sources.append(source_entry(cfg.data.seeds.path, kind="seeds", n_new=cfg.data.seeds.n_new))
     manifest_path = write_manifest(
-        out / "manifest.json",
+        run.paths.dataset_manifest,
         {
             "run_id": run.run_id,
             "dataset": str(train_dir),
@@ -144,8 +143,3 @@ def run_curate(run: Run) -> dict[str, Any]:
         section["reasons"],
     )
     return section
-
-
-def read_dataset(path: str) -> pa.Table:
-    """A curated dataset directory as one table."""
-    return pq.read_table(path)

@@ -75,3 +75,19 @@ def dumps(value: Any) -> str:
     """JSON text of a nested value, keys in their original order (a chain-of-thought answer
     keeps its reasons before its verdict)."""
     return json.dumps(value, ensure_ascii=False)
+
+
+def normalize_label(value: Any, labels: list[str], aliases: dict[str, str]) -> str | None:
+    """Map a raw label value to one of `labels` (as a string), or None if it is not one."""
+    if isinstance(value, bool):
+        raw = "true" if value else "false"
+    elif isinstance(value, float) and value.is_integer():
+        raw = str(int(value))
+    else:
+        raw = str(value).strip()
+    lowered = {k.lower(): v for k, v in aliases.items()}
+    raw = lowered.get(raw.lower(), raw)
+    if raw in labels:
+        return raw
+    by_lower = {lab.lower(): lab for lab in labels}
+    return by_lower.get(raw.lower())

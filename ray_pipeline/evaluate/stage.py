@@ -19,14 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_pipeline.config import TaskSection
-from ray_pipeline.data.schema import dumps, new_row, row_id, to_table
-from ray_pipeline.data.sources import read_texts
+from ray_pipeline.data.schema import to_table
+from ray_pipeline.data.test_sets import test_set_rows
 from ray_pipeline.evaluate.metrics import classification_metrics, majority_label
-from ray_pipeline.evaluate.report import load_report, require
-from ray_pipeline.generate.teacher_calls import parse_rows
-from ray_pipeline.runtime import Run, TeacherEndpoint
-from ray_pipeline.teacher.parse import normalize_label
-from ray_pipeline.teacher.prompts import Prompt
+from ray_pipeline.run_state import Run
+from ray_pipeline.teacher.caller import TeacherEndpoint
+from ray_pipeline.teacher.parse import parse_batch, parse_rows
+from ray_pipeline.teacher.quota import from_pico, to_pico
+from ray_pipeline.teacher.session import TeacherSession
 
 log = logging.getLogger("distill.evaluate")
 
@@ -51,47 +51,6 @@ class StudentPredictor:
         return to_table(parse_rows(rows, self.task))
 
 
-def student_checkpoint(report: dict[str, Any], run_dir: Path) -> tuple[str, str]:
-    """(checkpoint, where it came from): the sweep's best trial when a sweep ran, else train's."""
-    if "sweep" in report and report["sweep"].get("best", {}).get("checkpoint"):
-        return report["sweep"]["best"]["checkpoint"], "sweep.best"
-    return require(report, "train", run_dir)["checkpoint"], "train"
-
-
-def eval_rows(run: Run) -> list[dict[str, Any]]:
-    """One row per test example, in the row schema (split='test', source=test set name)."""
-    cfg = run.cfg
-    if not cfg.evaluate.test_sets:
-        raise ValueError("evaluate.test_sets is empty: there is nothing to evaluate on")
-    prompt = Prompt.from_task(cfg.task)
-    rows = []
-    for ts in cfg.evaluate.test_sets:
-        for i, rec in enumerate(read_texts(ts.path, ts.input_field, ts.limit), 1):
-            if rec.get(ts.gold_field) in (None, ""):
-                raise ValueError(
-                    f"{ts.path}: record {i} has no gold label in field {ts.gold_field!r}"
-                )
-            gold = normalize_label(rec[ts.gold_field], cfg.task.labels, cfg.task.label_aliases)
-            if gold is None:
-                raise ValueError(
-                    f"{ts.path}: record {i}: gold label {rec[ts.gold_field]!r} is not one of {cfg.task.labels}"
-                )
-            text = rec[ts.input_field]
-            rows.append(
-                new_row(
-                    id=row_id(ts.name, text),
-                    source=ts.name,
-                    source_line=i,
-                    input=text,
-                    messages=dumps(prompt.messages(text)),
-                    prompt_hash=prompt.hash,
-                    gold=gold,
-                    split="test",
-                )
-            )
-    return rows
-
-
 def _by_test_set(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(rows, key=lambda r: (r["source"], r["source_line"])):
@@ -102,15 +61,12 @@ def _by_test_set(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
     import ray
 
-    from ray_pipeline.generate.stage import TeacherSession, parse_batch
-
     started = time.perf_counter()
     cfg = run.cfg
-    report = load_report(run.dir)
-    checkpoint, checkpoint_from = student_checkpoint(report, run.dir)
-    baseline = majority_label(require(report, "curate", run.dir)["labels"])
+    checkpoint, checkpoint_from = run.student_checkpoint()
+    baseline = majority_label(run.require("curate")["labels"])
     out = run.stage_dir("evaluate")
-    tests = ray.data.from_arrow(to_table(eval_rows(run)))  # read by both student and teacher
+    tests = ray.data.from_arrow(to_table(test_set_rows(cfg)))  # read by student and teacher
 
     student_rows = tests.map_batches(
         StudentPredictor,
@@ -189,10 +145,17 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
         log.info("evaluate %s: %s", name, {k: round(v, 4) for k, v in result["accuracy"].items()})
 
     plot = accuracy_plot(sets, out / "accuracy.png")
+    paid = [r for r in teacher_rows if r["cost"] is not None]
     return {
         "checkpoint": checkpoint,
         "checkpoint_from": checkpoint_from,
         "test_sets": sets,
+        # What scoring the teacher cost this run (recorded and cached answers cost nothing).
+        "teacher_spend": {
+            "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in paid),
+            "completion_tokens": sum(r["completion_tokens"] or 0 for r in paid),
+            "cost_usd": from_pico(sum(to_pico(r["cost"]) for r in paid)),
+        },
         "plot": str(plot),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -4,17 +4,21 @@ Output: runs/<id>/generate/rows/ (Parquet, exactly one row per input record: ok,
 with the error) and malformed.jsonl (the log records that could not be read, with file and
 line). ``retry_failed`` re-sends only the rows a previous run of this stage left failed by the
 teacher (errors, budget), keeping every other row as it was.
+
+Money: a row's ``cost`` (and tokens) is what this run paid for it (every teacher and sample;
+nothing for an answer from the cache); rows answered in the logs have no cost. The section's
+``cost_usd`` is the sum over the rows plus the seed expansion's requests: for a fresh run it
+equals the quota's spend to the pico-dollar.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -22,182 +26,62 @@ import pyarrow.parquet as pq
 
 from ray_pipeline.config import LogSource, TaskSection
 from ray_pipeline.data.schema import FAILED, OK, to_table
-from ray_pipeline.data.sources import MALFORMED, log_rows, read_texts
-from ray_pipeline.evaluate.report import load_report, require
-from ray_pipeline.generate.teacher_calls import (
-    TeacherCaller,
-    ask_specs,
-    expansion_rows,
-    parse_rows,
-    synthetic_input_rows,
-)
-from ray_pipeline.runtime import Run, TeacherEndpoint
-from ray_pipeline.teacher.prompts import Prompt
-from ray_pipeline.teacher.quota import BudgetExhausted, Quota
+from ray_pipeline.data.sources import UNREADABLE, log_blocks
+from ray_pipeline.generate.seeds import expand_seeds
+from ray_pipeline.run_state import Run
+from ray_pipeline.teacher.caller import TeacherEndpoint
+from ray_pipeline.teacher.parse import parse_batch
+from ray_pipeline.teacher.quota import from_pico, to_pico
+from ray_pipeline.teacher.session import TeacherSession
 
 log = logging.getLogger("distill.generate")
 
 RETRYABLE_REASONS = ("teacher_error", "budget_exhausted")
 
 
-def _read_log_batch(batch: pa.Table, src: LogSource, source: str, task: TaskSection) -> pa.Table:
-    prompt = Prompt.from_task(task)
-    rows = []
-    for rec in batch.to_pylist():
-        rows.extend(log_rows(rec["bytes"], source, src, prompt, task))
-    return to_table(rows)
+def log_datasource(sources: list[LogSource], task: TaskSection, block_rows: int) -> Any:
+    """A Ray Data source of the log files: one read task per file, each streaming its file
+    as blocks of `block_rows` rows (``sources.log_blocks``)."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
 
-
-def parse_batch(batch: pa.Table, task: TaskSection) -> pa.Table:
-    return to_table(parse_rows(batch.to_pylist(), task))
-
-
-def cache_dir(run: Run) -> str | None:
-    c = run.cfg.teacher.cache
-    if not c.enabled:
-        return None
-    return str(
-        Path(c.dir)
-        if c.dir is not None
-        else Path(run.cfg.run.output_dir).absolute() / "cache" / "teacher"
-    )
-
-
-class TeacherSession:
-    """The teacher as the stages use it: the resolved endpoints, the run's shared quota actor
-    (rate limits, budget, progress), the response cache and the actor pool."""
-
-    def __init__(self, run: Run, endpoint: TeacherEndpoint):
-        import ray
-
-        self.run = run
-        self.endpoint = endpoint
-        t = run.cfg.teacher
-        self.simulator = t.simulator.enabled
-        # One quota per invocation, shared by every stage and actor that calls the teacher
-        # (a new invocation, e.g. with a bigger budget, starts from its own config).
-        if run.quota is None:
-            specs = ask_specs(t, endpoint.base_url, endpoint.api_key, self.simulator)
-            limits = {spec.endpoint: {} for spec in specs}
-            # The configured rate limit is the main teacher's endpoint's (specs[0]).
-            limits[specs[0].endpoint] = {"rpm": t.rate_limit.rpm, "tpm": t.rate_limit.tpm}
-            run.quota = (
-                ray.remote(Quota)
-                .options(num_cpus=0)
-                .remote(
-                    limits,
-                    t.budget.max_cost_usd,
-                    t.budget.max_tokens,
-                    t.rate_limit.storm_share,
-                    t.rate_limit.storm_window_s,
+    class LogDatasource(Datasource):
+        def get_read_tasks(self, parallelism: int, **_: Any) -> list[ReadTask]:
+            tasks = []
+            for src in sources:
+                # Made absolute here, on the driver: a worker has its own working directory.
+                path = src.path.absolute()
+                tasks.append(
+                    ReadTask(
+                        functools.partial(log_blocks, src, task, block_rows, path),
+                        BlockMetadata(
+                            num_rows=None,
+                            size_bytes=path.stat().st_size,
+                            exec_stats=None,
+                            input_files=(str(path),),
+                        ),
+                    )
                 )
-            )
-        self.quota = run.quota
+            return tasks
 
-    def pool(self, ds, params: dict[str, Any] | None = None, voters: bool = True):
-        """`ds` with every row that needs one answered by the teacher, through an actor pool."""
-        import ray
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(src.path.stat().st_size for src in sources)
 
-        t = self.run.cfg.teacher
-        specs = ask_specs(
-            t, self.endpoint.base_url, self.endpoint.api_key, self.simulator, params, voters
-        )
-        # Blocks of a few batches: every actor of the pool gets work, even from one big file.
-        ds = ds.repartition(target_num_rows_per_block=4 * t.batch_size)
-        return ds.map_batches(
-            TeacherCaller,
-            fn_constructor_kwargs={
-                "specs": specs,
-                "teacher": t.model_dump(mode="json"),
-                "quota": self.quota,
-                "cache_dir": cache_dir(self.run),
-            },
-            batch_format="pyarrow",
-            batch_size=t.batch_size,
-            # Two blocks at once per actor: the next block's requests start while the last
-            # answers of the previous one are still coming in.
-            compute=ray.data.ActorPoolStrategy(size=t.actors, max_concurrent_calls_per_actor=2),
-            num_cpus=t.num_cpus_per_actor,
-        )
-
-    def snapshot(self) -> dict[str, Any]:
-        import ray
-
-        return ray.get(self.quota.snapshot.remote())
-
-    def progress(self, every_s: float = 5.0) -> _Progress:
-        return _Progress(self, every_s)
+    return LogDatasource()
 
 
-class _Progress:
-    """A live line: rows done, rows/s, calls, cache hits, errors, tokens, cost."""
-
-    def __init__(self, session: TeacherSession, every_s: float):
-        self.session = session
-        self.every_s = every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="teacher-progress")
-
-    def _line(self) -> str:
-        s = self.session.snapshot()
-        return (
-            f"teacher: {s['rows_done']} rows ({s['rows_per_s']:.1f}/s), {s['calls']} calls, "
-            f"{s['cache_hits']} cache hits, {s['errors']} errors, {s['rate_limited']} rate-limited, "
-            f"{s['tokens']} tokens, ${s['cost_usd']:.4f}"
-        )
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            log.info(self._line())
-
-    def __enter__(self) -> _Progress:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        log.info(self._line())
-
-
-def read_logs(run: Run) -> list:
-    """One Ray Dataset of rows per configured log file (one read task per file)."""
+def read_logs(run: Run) -> Any:
+    """The configured log files as one Ray Dataset of rows (None when there are none)."""
     import ray
 
-    parts = []
-    for i, src in enumerate(run.cfg.data.logs):
-        path = Path(src.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.logs.{i}.path: {path} is not a file")
-        parts.append(
-            ray.data.read_binary_files(str(path.absolute()), include_paths=True).map_batches(
-                _read_log_batch,
-                fn_kwargs={"src": src, "source": str(src.path), "task": run.cfg.task},
-                batch_format="pyarrow",
-                batch_size=1,
-            )
-        )
-    return parts
-
-
-def expand_seeds(run: Run, session: TeacherSession) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """New input rows from the seed examples, and the counts of the expansion."""
-    import ray
-
-    sc = run.cfg.data.seeds
-    seeds = [r[sc.input_field] for r in read_texts(sc.path, sc.input_field)]
-    requests = expansion_rows(seeds, sc, run.cfg.task, run.cfg.run.seed)
-    if not requests:
-        return [], {"requests": 0}
-    answered = session.pool(
-        ray.data.from_arrow(to_table(requests)),
-        params={"temperature": sc.temperature, "n": 1},
-        voters=False,
-    ).take_all()
-    rows, counts = synthetic_input_rows(answered, seeds, sc, Prompt.from_task(run.cfg.task))
-    counts["seeds"] = len(seeds)
-    log.info("seed expansion: %s", counts)
-    return rows, counts
+    logs = run.cfg.data.logs
+    for i, src in enumerate(logs):
+        if not src.path.is_file():
+            raise FileNotFoundError(f"data.logs.{i}.path: {src.path} is not a file")
+    if not logs:
+        return None
+    source = log_datasource(logs, run.cfg.task, run.cfg.data.block_rows)
+    return ray.data.read_datasource(source, override_num_blocks=len(logs))
 
 
 def _reset_for_retry(batch: pa.Table) -> pa.Table:
@@ -222,25 +106,25 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
 
     started = time.perf_counter()
     out = run.stage_dir("generate")
-    rows_dir = out / "rows"
+    rows_dir = run.paths.generated_rows
     session = TeacherSession(run, endpoint)
-    synthetic: dict[str, int] = {}
+    synthetic: dict[str, Any] = {}
     tmp_dir = out / "rows.writing"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     with session.progress():
         if retry_failed:
-            previous = require(load_report(run.dir), "generate", run.dir)
-            ds = ray.data.read_parquet(previous["outputs"]["rows"]).map_batches(
+            previous = run.require("generate")
+            ds = ray.data.read_parquet(str(rows_dir)).map_batches(
                 _reset_for_retry, batch_format="pyarrow"
             )
             synthetic = previous.get("synthetic", {})
         else:
-            parts = read_logs(run)
+            ds = read_logs(run)
             if run.cfg.data.seeds is not None:
                 rows, synthetic = expand_seeds(run, session)
                 if rows:
-                    parts.append(ray.data.from_arrow(to_table(rows)))
-            ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+                    new = ray.data.from_arrow(to_table(rows))
+                    ds = new if ds is None else ds.union(new)
         ds = session.pool(ds)
         ds = ds.map_batches(parse_batch, fn_kwargs={"task": run.cfg.task}, batch_format="pyarrow")
         ds.write_parquet(str(tmp_dir))
@@ -252,7 +136,7 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
     seconds = time.perf_counter() - started
 
     quota = session.snapshot()
-    section = summarize_rows(table, seconds)
+    section = summarize_rows(table, seconds, synthetic if not retry_failed else {})
     section["synthetic"] = synthetic
     section["retry_failed"] = retry_failed
     section["quota"] = {
@@ -262,87 +146,82 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
             "cache_hits",
             "rate_limited",
             "storms",
+            "over_estimate",
             "tokens",
             "cost_usd",
             "budget_stop",
         )
     }
-    malformed = [
-        r
-        for r in table.select(["status", "reason", "source", "source_line", "input"]).to_pylist()
-        if r["status"] == FAILED and (r["reason"] or "").startswith(MALFORMED)
-    ]
-    malformed_path = out / "malformed.jsonl"
-    with malformed_path.open("w") as f:
-        for r in sorted(malformed, key=lambda r: (r["source"], r["source_line"])):
-            f.write(
-                json.dumps(
-                    {
-                        "source": r["source"],
-                        "line": r["source_line"],
-                        "error": r["reason"],
-                        "text": r["input"],
-                    }
-                )
-                + "\n"
-            )
-    section["malformed_records"] = len(malformed)
-    section["outputs"] = {"rows": str(rows_dir), "malformed": str(malformed_path)}
+    section["malformed_records"] = write_malformed(table, run.paths.malformed)
+    section["outputs"] = {"rows": str(rows_dir), "malformed": str(run.paths.malformed)}
     if quota["budget_stop"]:
         section["budget_stop"] = quota["budget_stop"]
     log.info("generate: %s rows in %.1fs (%s)", section["rows"], seconds, section["status"])
     return section
 
 
-def summarize_rows(table: pa.Table, seconds: float) -> dict[str, Any]:
-    """Counts, tokens, cost and rates of a generate output table, totals per teacher model."""
+def write_malformed(table: pa.Table, path) -> int:
+    """The log records that could not be read, by file and line, for a person to fix."""
+    cols = table.select(["status", "reason", "source", "source_line", "input"]).to_pylist()
+    bad = [r for r in cols if r["status"] == FAILED and (r["reason"] or "").startswith(UNREADABLE)]
+    with open(path, "w") as f:
+        for r in sorted(bad, key=lambda r: (r["source"], r["source_line"])):
+            record = {
+                "source": r["source"],
+                "line": r["source_line"],
+                "error": r["reason"],
+                "text": r["input"],
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return len(bad)
+
+
+def summarize_rows(
+    table: pa.Table, seconds: float, expansion: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Counts, tokens, cost and rates of a generate output table, totals per teacher model.
+    Tokens and cost are this run's spend: the rows' (those with a cost: asked this run) plus
+    the seed expansion's requests (`expansion`)."""
     cols = table.select(
-        [
-            "status",
-            "reason",
-            "attempts",
-            "prompt_tokens",
-            "completion_tokens",
-            "cost",
-            "teacher",
-            "response",
-            "cached",
-        ]
+        ["status", "reason", "attempts", "prompt_tokens", "completion_tokens", "cost"]
+        + ["teacher", "response", "cached"]
     ).to_pylist()
     status = Counter(r["status"] for r in cols)
     reasons = Counter((r["reason"] or "").split(":")[0] for r in cols if r["reason"])
-    per_teacher: dict[str, dict[str, float]] = {}
+    per_teacher: dict[str, dict[str, Any]] = {}
     for r in cols:
-        if r["attempts"] is None and not r["cached"]:
-            continue  # recorded in the logs, or never sent
+        if r["cost"] is None:
+            continue  # answered in the logs, or never readable
         t = per_teacher.setdefault(
             r["teacher"] or "?",
-            {"rows": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cached": 0},
+            {"rows": 0, "prompt_tokens": 0, "completion_tokens": 0, "pico": 0, "cached": 0},
         )
         t["rows"] += 1
         t["prompt_tokens"] += r["prompt_tokens"] or 0
         t["completion_tokens"] += r["completion_tokens"] or 0
-        t["cost_usd"] += r["cost"] or 0.0
+        t["pico"] += to_pico(r["cost"])
         t["cached"] += bool(r["cached"])
+    expansion = expansion or {}
+    pico = sum(t["pico"] for t in per_teacher.values()) + to_pico(expansion.get("cost_usd", 0.0))
+    for t in per_teacher.values():
+        t["cost_usd"] = from_pico(t.pop("pico"))
     return {
         "rows": table.num_rows,
         "status": dict(status),
         "reasons": dict(reasons),
+        # Rows whose main answer came from a request this run (voters' calls: quota.calls).
         "teacher_calls": sum(1 for r in cols if r["attempts"] is not None and not r["cached"]),
         "teacher_attempts": sum(r["attempts"] or 0 for r in cols if not r["cached"]),
         "cache_hits": sum(1 for r in cols if r["cached"]),
         "recorded_responses": sum(
-            1
-            for r in cols
-            if r["response"] is not None and r["attempts"] is None and not r["cached"]
+            1 for r in cols if r["response"] is not None and r["cost"] is None
         ),
-        "prompt_tokens": sum(t["prompt_tokens"] for t in per_teacher.values()),
-        "completion_tokens": sum(t["completion_tokens"] for t in per_teacher.values()),
-        "cost_usd": round(sum(t["cost_usd"] for t in per_teacher.values()), 6),
+        "prompt_tokens": sum(t["prompt_tokens"] for t in per_teacher.values())
+        + expansion.get("prompt_tokens", 0),
+        "completion_tokens": sum(t["completion_tokens"] for t in per_teacher.values())
+        + expansion.get("completion_tokens", 0),
+        "cost_usd": from_pico(pico),
         "per_teacher": per_teacher,
         "seconds": round(seconds, 2),
         "rows_per_s": round(table.num_rows / seconds, 1) if seconds > 0 else None,
     }
-
-
-__all__ = ["BudgetExhausted", "TeacherSession", "parse_batch", "run_generate", "summarize_rows"]

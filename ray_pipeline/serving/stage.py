@@ -15,9 +15,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from ray_pipeline.evaluate.report import load_report, update_report
-from ray_pipeline.evaluate.stage import eval_rows, student_checkpoint
-from ray_pipeline.runtime import Run, TeacherEndpoint
+from ray_pipeline.data.test_sets import test_set_rows
+from ray_pipeline.run_state import Run
+from ray_pipeline.teacher.caller import TeacherEndpoint
 
 log = logging.getLogger("distill.serve")
 
@@ -122,11 +122,11 @@ def run_serve(run: Run, endpoint: TeacherEndpoint) -> dict[str, Any]:
     from ray import serve
 
     cfg, sc = run.cfg, run.cfg.serve
-    checkpoint, checkpoint_from = student_checkpoint(load_report(run.dir), run.dir)
+    checkpoint, checkpoint_from = run.student_checkpoint()
     out = run.stage_dir("serve")
     port = sc.port or free_port(sc.host)
     serve.start(proxy_location="HeadOnly", http_options={"host": sc.host, "port": port})
-    request_log = out / "requests.jsonl"
+    request_log = run.paths.request_log
     args = {
         "checkpoint": checkpoint,
         "teacher_base_url": endpoint.base_url,
@@ -147,7 +147,7 @@ def run_serve(run: Run, endpoint: TeacherEndpoint) -> dict[str, Any]:
     log.info("serving %s at %s (weights %s)", checkpoint, url, dict(sc.weights))
 
     inputs = (
-        [json.loads(r["messages"]) for r in eval_rows(run)][: sc.smoke_requests]
+        [json.loads(r["messages"]) for r in test_set_rows(cfg)][: sc.smoke_requests]
         if sc.smoke_requests
         else []
     )
@@ -176,7 +176,7 @@ def run_serve(run: Run, endpoint: TeacherEndpoint) -> dict[str, Any]:
     }
     log.info("smoke batch: %s", section["answered_by"])
     if sc.keep_running:
-        update_report(run, "serve", section)  # readable while the server runs
+        run.write_section("serve", section)  # readable while the server runs
         log.info("serving until interrupted (Ctrl-C) at %s", url)
         try:
             while True:

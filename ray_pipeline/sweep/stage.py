@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_pipeline.config import SweepSection, TrainSection
-from ray_pipeline.runtime import Run
+from ray_pipeline.run_state import Run
 
 log = logging.getLogger("distill.sweep")
 

@@ -9,6 +9,7 @@ machines, it sustains several times the request rate of the default httpx one.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from typing import Any, Protocol
 import httpx2
 import openai
 
+from ray_pipeline.teacher.quota import PICO, Estimate
+
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 
 
 class Gate(Protocol):
-    """The shared quota seen from one request (see ``quota.LeaseGate``)."""
+    """The shared quota seen from one request (``quota.BoundGate``)."""
 
     async def acquire(self) -> None: ...
     def release(self, tokens: int = 0, cost: float = 0.0, ok: bool = True) -> None: ...
@@ -52,6 +55,35 @@ class TeacherCallError(Exception):
     def __reduce__(self):
         # Crosses process boundaries (Ray tasks, Serve replicas) with all its fields.
         return (TeacherCallError, (str(self), self.error_class, self.status_code, self.attempts))
+
+
+def cost_usd(
+    prompt_tokens: int, completion_tokens: int, price: tuple[float, float] | None
+) -> float:
+    """USD for this usage at `price` (USD per million prompt / completion tokens), in whole
+    pico-dollars (so that sums over rows and the quota's total agree exactly)."""
+    if price is None:
+        return 0.0
+    return round((prompt_tokens * price[0] + completion_tokens * price[1]) * 1e6) / PICO
+
+
+def estimate(
+    messages: list[dict[str, Any]],
+    max_tokens: int,
+    n: int = 1,
+    price: tuple[float, float] | None = None,
+) -> Estimate:
+    """An upper bound of what one chat request can use, from its own messages, `max_tokens`
+    and `n`: every sample stops at `max_tokens`; a prompt has at most one token per 3 bytes of
+    UTF-8 (BPE vocabularies hold every common 3-byte sequence; English runs about 4 characters a
+    token), plus the chat framing OpenAI counts (4 tokens a message, 3 to prime the answer)."""
+    prompt = 3 + sum(4 + math.ceil(len(str(m.get("content") or "").encode()) / 3) for m in messages)
+    completion = max_tokens * n
+    cost = 0.0
+    if price is not None:
+        # Rounded up to a whole pico-dollar: the reservation never falls below the cost.
+        cost = math.ceil((prompt * price[0] + completion * price[1]) * 1e6) / PICO
+    return Estimate(tokens=prompt + completion, cost=cost)
 
 
 def retry_after_s(headers: Any) -> float | None:
@@ -153,7 +185,7 @@ class TeacherClient:
             usage = resp.usage
             prompt_tokens = usage.prompt_tokens if usage else 0
             completion_tokens = usage.completion_tokens if usage else 0
-            cost = self.cost(prompt_tokens, completion_tokens)
+            cost = cost_usd(prompt_tokens, completion_tokens, self.price)
             if gate is not None:
                 gate.release(prompt_tokens + completion_tokens, cost)
             return TeacherReply(
@@ -166,11 +198,6 @@ class TeacherClient:
                 cost=cost,
             )
         raise AssertionError("unreachable: the loop returns or raises")
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        if self.price is None:
-            return 0.0
-        return (prompt_tokens * self.price[0] + completion_tokens * self.price[1]) / 1e6
 
     def _backoff(self, attempt: int) -> float:
         return backoff_s(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)

@@ -15,6 +15,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+
+from ray_pipeline.config import TaskSection
+from ray_pipeline.data.schema import FAILED, OK, dumps, normalize_label, to_table
+
 _FENCE = re.compile(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\n?(.*?)```", re.S)
 
 
@@ -79,22 +84,6 @@ def parse_structured(text: str) -> tuple[Any, str]:
     raise ParseError(f"no JSON or python literal found in: {text[:120]!r}")
 
 
-def normalize_label(value: Any, labels: list[str], aliases: dict[str, str]) -> str | None:
-    """Map a raw label value to one of `labels` (as a string), or None if it is not one."""
-    if isinstance(value, bool):
-        raw = "true" if value else "false"
-    elif isinstance(value, float) and value.is_integer():
-        raw = str(int(value))
-    else:
-        raw = str(value).strip()
-    lowered = {k.lower(): v for k, v in aliases.items()}
-    raw = lowered.get(raw.lower(), raw)
-    if raw in labels:
-        return raw
-    by_lower = {lab.lower(): lab for lab in labels}
-    return by_lower.get(raw.lower())
-
-
 def parse_answer(
     text: str, label_key: str, labels: list[str], aliases: dict[str, str]
 ) -> ParsedAnswer:
@@ -132,3 +121,31 @@ def parse_list(text: str) -> list[str]:
         return [str(x).strip() for x in obj if str(x).strip()]
     lines = [re.sub(r"^\s*(?:[-*]|\d+[.)])\s*", "", ln).strip() for ln in (text or "").splitlines()]
     return [ln for ln in lines if ln and not ln.startswith("```")]
+
+
+def parse_rows(rows: list[dict[str, Any]], task: TaskSection) -> list[dict[str, Any]]:
+    """Parse each answered row's response into ``output`` and ``label``. An answer with no
+    structured value in it fails the row; a parsed answer without a valid label keeps
+    ``label`` empty for curation to filter with its reason."""
+    for row in rows:
+        if row["status"] != OK or row["response"] is None or row["output"] is not None:
+            continue
+        if row["votes"] is not None:
+            votes = json.loads(row["votes"])
+            for v in votes:
+                if v.get("response") is not None:
+                    v["label"] = parse_answer(
+                        v["response"], task.label_key, task.labels, task.label_aliases
+                    ).label
+            row["votes"] = dumps(votes)
+        parsed = parse_answer(row["response"], task.label_key, task.labels, task.label_aliases)
+        if parsed.output is None:
+            row.update(status=FAILED, reason=parsed.error)
+            continue
+        row.update(output=dumps(parsed.output), label=parsed.label)
+    return rows
+
+
+def parse_batch(batch: pa.Table, task: TaskSection) -> pa.Table:
+    """``parse_rows`` over a Ray Data batch."""
+    return to_table(parse_rows(batch.to_pylist(), task))

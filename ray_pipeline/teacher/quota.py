@@ -1,8 +1,15 @@
 """Cluster-wide teacher quota: rate limits (RPM/TPM), the spending budget, 429 storms, progress.
 
 One ``Quota`` per run lives in a Ray actor; every teacher-calling actor holds a ``LeaseGate``
-that asks it for *leases*: batches of request start times (and budget reservations), so the
+that asks it for *leases*: batches of request start times and budget reservations, so the
 quota actor sees one call per batch of requests, not one per request, and is no bottleneck.
+
+Every request reserves its own estimate (``Estimate``: an upper bound of its tokens and cost,
+from its own messages, ``max_tokens`` and ``n``) before it is sent, and settles it with what it
+really used once it has ended; the budget stops cleanly once what is left cannot cover the next
+request with nothing in flight that could give budget back. Costs are counted in whole
+pico-dollars (``to_pico``), so that the quota's total and the sum over the rows are equal
+exactly, whatever order they are added in.
 
 Rate limiting is GCRA-style scheduling: each request (or its token estimate, for TPM) occupies
 ``60 / rpm`` seconds of the endpoint's timeline; a lease gets the next free start times.
@@ -27,8 +34,29 @@ MIN_STORM_EVENTS = 20
 MIN_STORM_SPAN_S = 0.25
 
 
+PICO = 10**12  # pico-dollars in a dollar
+
+
+def to_pico(usd: float) -> int:
+    """USD as whole pico-dollars: integer sums are exact in any order."""
+    return round(usd * PICO)
+
+
+def from_pico(pico: int) -> float:
+    return pico / PICO
+
+
 class BudgetExhausted(Exception):
     """The run's cost or token budget is spent: no more teacher calls."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """At most what one request uses: reserved from the budget before it is sent, and what
+    the TPM limit counts for it."""
+
+    tokens: int
+    cost: float  # USD, a whole number of pico-dollars
 
 
 @dataclass
@@ -73,9 +101,10 @@ class Quota:
         self.max_tokens = max_tokens
         self.storm_share = storm_share
         self.storm_window_s = storm_window_s
-        self.spent_cost = 0.0
+        self.max_pico = to_pico(max_cost_usd) if max_cost_usd is not None else None
+        self.spent_pico = 0
         self.spent_tokens = 0
-        self.reserved_cost = 0.0
+        self.reserved_pico = 0
         self.reserved_tokens = 0
         self.budget_stop: str | None = None
         self.counters: Counter[str] = Counter()
@@ -83,16 +112,17 @@ class Quota:
         self.storms = 0
 
     # -------------------------------------------------------------------------- leases
-    def lease(self, endpoint: str, k: int, est_tokens: int, est_cost: float) -> Lease:
-        """Grant up to `k` request starts on `endpoint`, reserving their estimated cost.
+    def lease(self, endpoint: str, k: int, est_tokens: int, est_pico: int) -> Lease:
+        """Grant up to `k` request starts on `endpoint`, each reserving `est_tokens` and
+        `est_pico` (pico-dollars) of the budget and counting `est_tokens` against TPM.
 
         Fewer than `k` (maybe none) while the budget left is held by requests in flight;
         none, with ``stop`` set, once the budget is spent with nothing left in flight."""
         now = self.clock()
         ep = self.endpoints[endpoint]
-        granted = self._budget_room(k, est_tokens, est_cost)
+        granted = self._budget_room(k, est_tokens, est_pico)
         self.reserved_tokens += granted * est_tokens
-        self.reserved_cost += granted * est_cost
+        self.reserved_pico += granted * est_pico
         interval = self._interval(ep, est_tokens)
         start = max(now, ep.paused_until)
         # GCRA: `next_free` is the theoretical arrival time of the next request; a request
@@ -116,18 +146,17 @@ class Quota:
             rates.append(1.0 / ep.rate_cap)
         return max(rates, default=0.0)
 
-    def _budget_room(self, k: int, est_tokens: int, est_cost: float) -> int:
+    def _budget_room(self, k: int, est_tokens: int, est_pico: int) -> int:
         if self.budget_stop:
             return 0
         room, limit = k, None
-        if self.max_cost_usd is not None and est_cost > 0:
-            fits = int(
-                max(0.0, self.max_cost_usd - self.spent_cost - self.reserved_cost) // est_cost
-            )
+        if self.max_pico is not None and est_pico > 0:
+            fits = max(0, self.max_pico - self.spent_pico - self.reserved_pico) // est_pico
             if fits < room:
-                room, limit = (
-                    fits,
-                    f"max_cost_usd {self.max_cost_usd} reached (spent {self.spent_cost:.4f})",
+                room = fits
+                limit = (
+                    f"max_cost_usd {self.max_cost_usd} reached "
+                    f"(spent {from_pico(self.spent_pico):.4f})"
                 )
         if self.max_tokens is not None and est_tokens > 0:
             fits = max(0, self.max_tokens - self.spent_tokens - self.reserved_tokens) // est_tokens
@@ -138,25 +167,32 @@ class Quota:
                 )
         # Requests in flight may cost less than reserved and give budget back: stop only
         # when none is left to come back.
-        if room == 0 and limit and self.reserved_cost <= 1e-12 and self.reserved_tokens == 0:
+        if room == 0 and limit and self.reserved_pico == 0 and self.reserved_tokens == 0:
             self.budget_stop = limit
         return room
 
     def settle(
         self,
+        endpoint: str,
         reserved_tokens: int,
-        reserved_cost: float,
+        reserved_pico: int,
         tokens: int,
-        cost: float,
+        pico: int,
         counters: dict[str, int] | None = None,
+        rate_tokens: int = 0,
     ) -> None:
-        """Replace reservations by what was really used; add progress counters."""
+        """Give back reservations (`reserved_*`), add what was really used (`tokens`, `pico`
+        pico-dollars) and progress counters. `rate_tokens`: tokens sent beyond what the TPM schedule
+        counted for their slots; they push the endpoint's timeline on."""
         self.reserved_tokens = max(0, self.reserved_tokens - reserved_tokens)
-        self.reserved_cost = max(0.0, self.reserved_cost - reserved_cost)
+        self.reserved_pico = max(0, self.reserved_pico - reserved_pico)
         self.spent_tokens += tokens
-        self.spent_cost += cost
+        self.spent_pico += pico
         if counters:
             self.counters.update(counters)
+        ep = self.endpoints[endpoint]
+        if rate_tokens and ep.tpm:
+            ep.next_free += 60.0 * rate_tokens / ep.tpm
 
     # ------------------------------------------------------------------ 429s and storms
     def outcomes(
@@ -209,29 +245,31 @@ class Quota:
             "errors": c["errors"],
             "rate_limited": c["rate_limited"],
             "storms": self.storms,
+            "over_estimate": c["over_estimate"],
             "tokens": self.spent_tokens,
-            "cost_usd": self.spent_cost,
+            "cost_usd": from_pico(self.spent_pico),
             "budget_stop": self.budget_stop,
         }
 
 
 class LeaseGate:
-    """Per-actor side of the quota: hands out start slots from leases (one lease request in
-    flight at a time) and reports outcomes, spend and progress back in batches.
+    """Per-actor side of the quota: hands out start slots and budget from leases (one lease
+    request in flight at a time) and reports outcomes, spend and progress back in batches.
 
-    Every attempt takes one slot (``acquire``) and gives it back with its real usage
-    (``release``); the quota keeps each slot's estimated cost reserved until then, so the
-    budget holds even with many requests in flight."""
+    A request takes one slot and its own estimate from the gate's reserved budget
+    (``acquire``); it gives the estimate back with what it really used once it has ended
+    (``release``). Budget a lease reserved for more requests than came stays with the gate
+    as spare; when the budget runs short, spare budget too small for the waiting request, and
+    all of it at the end, goes back to the quota."""
 
-    def __init__(
-        self, quota: Any, endpoint: str, lease_size: int, est_tokens: int, est_cost: float
-    ):
+    def __init__(self, quota: Any, endpoint: str, lease_size: int):
         self.quota = quota  # a Quota, or a Ray actor handle running one
         self.endpoint = endpoint
         self.lease_size = lease_size
-        self.est_tokens = est_tokens
-        self.est_cost = est_cost
-        self._slots: deque[float] = deque()
+        # Start times, each with the tokens the TPM schedule counted for it.
+        self._slots: deque[tuple[float, int]] = deque()
+        self._spare_tokens = 0  # budget reserved at the quota for this gate, not yet taken
+        self._spare_pico = 0
         self._lock = asyncio.Lock()
         self._paused_until = 0.0
         self._stop: str | None = None
@@ -240,10 +278,17 @@ class LeaseGate:
         self._n429 = 0
         self._retry_after: float | None = None
         self._reporting = False
-        self._released = 0
+        # Pending for the next settle: reservations given back, real use, extra TPM tokens.
+        self._back_tokens = 0
+        self._back_pico = 0
         self._tokens = 0
-        self._cost = 0.0
+        self._pico = 0
+        self._rate_tokens = 0
         self._counters: Counter[str] = Counter()
+
+    def bind(self, est: Estimate) -> BoundGate:
+        """The gate as one request sees it: every attempt of that request reserves `est`."""
+        return BoundGate(self, est)
 
     async def _call(self, method: str, *args: Any) -> Any:
         target = getattr(self.quota, method)
@@ -251,42 +296,64 @@ class LeaseGate:
             return await target.remote(*args)
         return target(*args)
 
-    async def acquire(self) -> None:
-        """Wait for one attempt's start slot; raise BudgetExhausted when there is none."""
+    def _covered(self, tokens: int, pico: int) -> bool:
+        return bool(self._slots) and self._spare_tokens >= tokens and self._spare_pico >= pico
+
+    async def acquire(self, est: Estimate) -> None:
+        """Wait for a start slot with `est` reserved; raise BudgetExhausted when the budget
+        cannot cover it any more."""
+        pico = to_pico(est.cost)
         async with self._lock:
-            while not self._slots:
+            while not self._covered(est.tokens, pico):
                 if self._stop:
                     raise BudgetExhausted(self._stop)
                 await self._flush()
-                lease: Lease = await self._call(
-                    "lease", self.endpoint, self.lease_size, self.est_tokens, self.est_cost
-                )
+                # Short of budget but not of slots: ask for this one request only.
+                k = self.lease_size if not self._slots else 1
+                lease: Lease = await self._call("lease", self.endpoint, k, est.tokens, pico)
                 now = time.monotonic()
                 self._paused_until = max(self._paused_until, now + lease.paused_for)
-                self._slots.extend(now + d for d in lease.delays)  # already after the pause
+                # Already after the pause.
+                self._slots.extend((now + d, est.tokens) for d in lease.delays)
+                self._spare_tokens += len(lease.delays) * est.tokens
+                self._spare_pico += len(lease.delays) * pico
                 self._stop = lease.stop
                 self._tight = lease.tight
                 if not lease.delays and not lease.stop:
-                    # What is left of the budget is reserved by requests in flight: wait for
-                    # them to settle (with their real, usually lower, cost) and ask again.
+                    # What is left of the budget is reserved by requests in flight, or is this
+                    # gate's spare, too small for this request: give the spare back, wait for
+                    # the requests to settle (with their real, usually lower, cost), ask again.
+                    self._give_back_spare()
                     await asyncio.sleep(0.05)
-            start = self._slots.popleft()
+            start, counted = self._slots.popleft()
+            self._spare_tokens -= est.tokens
+            self._spare_pico -= pico
+            self._rate_tokens += max(0, est.tokens - counted)
         wait = max(start, self._paused_until) - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
 
-    def release(self, tokens: int = 0, cost: float = 0.0, ok: bool = True) -> None:
-        """The attempt that took a slot has ended; `tokens`/`cost`: what it really used."""
-        self._released += 1
+    def release(self, est: Estimate, tokens: int = 0, cost: float = 0.0, ok: bool = True) -> None:
+        """The attempt that reserved `est` has ended; `tokens`/`cost`: what it really used."""
+        pico = to_pico(cost)
+        self._back_tokens += est.tokens
+        self._back_pico += to_pico(est.cost)
         self._tokens += tokens
-        self._cost += cost
+        self._pico += pico
         self._ok += ok
+        if tokens > est.tokens or pico > to_pico(est.cost):
+            self._counters["over_estimate"] += 1  # the estimate is no bound: a bug to fix
 
-    async def rate_limited(self, retry_after_s: float | None) -> None:
-        """A 429 ended an attempt: release its slot and tell the quota now (a storm must pause
-        the whole pool quickly), together with the other 429s that arrive meanwhile: one
-        report in flight per actor, so a flood of 429s is not a flood of actor calls."""
-        self.release(ok=False)
+    def _give_back_spare(self) -> None:
+        self._back_tokens += self._spare_tokens
+        self._back_pico += self._spare_pico
+        self._spare_tokens = self._spare_pico = 0
+
+    async def rate_limited(self, est: Estimate, retry_after_s: float | None) -> None:
+        """A 429 ended an attempt: release it and tell the quota now (a storm must pause the
+        whole pool quickly), together with the other 429s that arrive meanwhile: one report
+        in flight per actor, so a flood of 429s is not a flood of actor calls."""
+        self.release(est, ok=False)
         self._counters["rate_limited"] += 1
         self._n429 += 1
         self._retry_after = retry_after_s
@@ -303,10 +370,9 @@ class LeaseGate:
 
     def _pause(self, pause: float) -> None:
         """The pool is paused (a storm): slots leased before it were timed for a rate the
-        server refuses, so they are given back and the next attempt leases anew."""
+        server refuses, so they are dropped and the next attempt leases anew."""
         if pause > 0:
             self._paused_until = max(self._paused_until, time.monotonic() + pause)
-            self._released += len(self._slots)
             self._slots.clear()
 
     def count(self, **counters: int) -> None:
@@ -317,25 +383,49 @@ class LeaseGate:
         ok, self._ok = self._ok, 0
         if ok:
             self._pause(await self._call("outcomes", self.endpoint, ok, 0, None))
-        n, tokens, cost, counters = self._released, self._tokens, self._cost, self._counters
-        self._released, self._tokens, self._cost, self._counters = 0, 0, 0.0, Counter()
-        if n or counters:
-            await self._call(
-                "settle", n * self.est_tokens, n * self.est_cost, tokens, cost, dict(counters)
-            )
+        pending = (
+            self._back_tokens,
+            self._back_pico,
+            self._tokens,
+            self._pico,
+            dict(self._counters),
+            self._rate_tokens,
+        )
+        self._back_tokens = self._back_pico = self._tokens = self._pico = self._rate_tokens = 0
+        self._counters = Counter()
+        if any(pending):
+            await self._call("settle", self.endpoint, *pending)
 
     async def flush(self) -> None:
-        """Report what is pending; when the budget is nearly spent also give back the slots
-        not used yet, so that an idle actor does not sit on budget another one needs."""
+        """Report what is pending; when the budget is nearly spent also give back the spare
+        budget, so that an idle actor does not sit on budget another one needs."""
         async with self._lock:
             if self._tight:
-                self._released += len(self._slots)
+                self._give_back_spare()
                 self._slots.clear()
             await self._flush()
 
     async def close(self) -> None:
-        """Give back the reservations of slots never used and report everything pending."""
+        """Give back the spare budget and report everything pending."""
         async with self._lock:
-            self._released += len(self._slots)
+            self._give_back_spare()
             self._slots.clear()
             await self._flush()
+
+
+@dataclass
+class BoundGate:
+    """A LeaseGate bound to one request's estimate: what the teacher client sees
+    (``client.Gate``)."""
+
+    gate: LeaseGate
+    est: Estimate
+
+    async def acquire(self) -> None:
+        await self.gate.acquire(self.est)
+
+    def release(self, tokens: int = 0, cost: float = 0.0, ok: bool = True) -> None:
+        self.gate.release(self.est, tokens, cost, ok)
+
+    async def rate_limited(self, retry_after_s: float | None) -> None:
+        await self.gate.rate_limited(self.est, retry_after_s)

@@ -18,38 +18,36 @@ Faults are drawn from a seeded random stream, one draw per admitted request, so 
 of a run meets the same fault in every run with the same seed, while a *retry* of a request is a
 new draw and can succeed (a fault that hashed the request content would fail every retry).
 
-``GET /metrics`` counts what was served; ``POST /metrics/reset`` zeroes the counts (benchmarks).
-Start it with ``distill teacher-sim``. The request path is kept lean (no per-request logging, one
-JSON decode and encode, a few random draws): it shares small machines with load generators.
+Every setting is the run config's ``teacher.simulator`` section (plus the task's prompt and
+label key, the teacher's model name and the seeds' expansion template): ``Simulator(cfg)``.
+This module is the answer model, a plain class; ``sim_server`` serves it over HTTP
+(``distill teacher-sim CONFIG``) and runs it as a child process. The request path is kept lean
+(no per-request logging, one JSON decode and encode, a few random draws): it shares small
+machines with load generators.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import hashlib
 import json
 import math
 import random
 import re
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
+from ray_pipeline.config import DistillConfig
 from ray_pipeline.data import synthetic
+from ray_pipeline.data.manifest import file_sha256
+from ray_pipeline.data.prompts import Prompt, last_user_content
 from ray_pipeline.data.sources import read_records
-from ray_pipeline.teacher.prompts import Prompt, last_user_content
 
-LATENCY_DISTS = ("fixed", "normal", "lognormal")
-# Fault kind -> the spec field holding its rate; rate bands are laid out on [0, 1) in this order.
+# Fault kind -> the setting holding its rate; rate bands are laid out on [0, 1) in this order.
 FAULT_RATES = {
     "rate_limit": "rate_429",
     "server_error": "rate_500",
@@ -63,8 +61,18 @@ FAULT_KINDS = tuple(FAULT_RATES)
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
+CHARS_PER_TOKEN = 4
+
+
 def count_tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / 4))
+    """The simulator's tokenizer: about 4 characters a token (at least 1)."""
+    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+
+
+def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Prompt tokens as OpenAI counts chat messages: each message's content plus 3 tokens of
+    framing, and 3 more that prime the answer."""
+    return 3 + sum(3 + count_tokens(str(m.get("content") or "")) for m in messages)
 
 
 def load_replay(path: str | Path, input_field: str, response_field: str) -> dict[str, str]:
@@ -87,59 +95,23 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile("^" + "".join(out) + "$", re.S)
 
 
-@dataclass
-class SimulatorSpec:
-    model: str = "sim-teacher"
-    replay: dict[str, str] = field(default_factory=dict)
-    rule: str | None = None  # "quickstart"
-    error_rate: float = 0.1
-    latency_ms: float = 0.0  # mean latency of an answer
-    seed: int = 0
-    prompts: list[Prompt] = field(default_factory=list)  # to recover inputs from prompts
-    expansion_template: str | None = None
-    label_key: str = "toxic"
-    # Latency spread: "normal" has std = sigma * mean (clipped at 0); "lognormal" has sigma as the
-    # std of log-latency, its mean kept at latency_ms (for small sigma the two spreads agree).
-    latency_dist: str = "fixed"
-    latency_sigma: float = 0.5
-    # Shares of requests that meet each fault (their sum is at most 1).
-    rate_429: float = 0.0
-    retry_after_s: float = 1.0  # the Retry-After of an injected 429
-    rate_500: float = 0.0
-    rate_503: float = 0.0
-    rate_hang: float = 0.0
-    hang_s: float = 120.0  # a hung request answers after this long (past the client's timeout)
-    rate_malformed: float = 0.0
-    rate_unparsable: float = 0.0
-    rpm_per_key: float | None = None  # requests per minute per API key; None: unlimited
-    rpm_burst: int | None = None  # requests a key may send at once; None: one second's worth
+# Settings that change when an answer arrives, or where the server listens, but never what it
+# says: left out of the simulator's identity in the response cache's key.
+_TIMING_ONLY = ("enabled", "host", "port", "latency_ms", "latency_dist", "latency_sigma")
 
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("error_rate", *FAULT_RATES.values()):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        total = sum(self.fault_rates().values())
-        if total > 1.0 + 1e-9:
-            problems.append(f"fault rates must sum to at most 1, got {total:g}")
-        if self.latency_dist not in LATENCY_DISTS:
-            problems.append(
-                f"latency_dist must be one of {LATENCY_DISTS}, got {self.latency_dist!r}"
-            )
-        for name in ("latency_ms", "latency_sigma", "retry_after_s"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.hang_s <= 0:
-            problems.append(f"hang_s must be > 0, got {self.hang_s}")
-        if self.rpm_per_key is not None and self.rpm_per_key <= 0:
-            problems.append(f"rpm_per_key must be > 0, got {self.rpm_per_key}")
-        if self.rpm_burst is not None and self.rpm_burst < 1:
-            problems.append(f"rpm_burst must be >= 1, got {self.rpm_burst}")
-        if problems:
-            raise ValueError("; ".join(problems))
 
-    def fault_rates(self) -> dict[str, float]:
-        return {kind: getattr(self, name) for kind, name in FAULT_RATES.items()}
+def simulator_identity(cfg: DistillConfig) -> str:
+    """The simulator as an endpoint identity for the response cache: a hash of every setting
+    that changes its answers (rule, error rate, seed, faults, limits, the replay tables'
+    contents, the label key), so that changing one never serves answers cached under another."""
+    sim = cfg.teacher.simulator
+    settings = sim.model_dump(mode="json", exclude=set(_TIMING_ONLY))
+    settings["replay"] = [
+        {**r.model_dump(mode="json"), "sha256": file_sha256(r.path)} for r in sim.replay
+    ]
+    settings["label_key"] = cfg.task.label_key
+    blob = json.dumps(settings, sort_keys=True).encode()
+    return f"simulator:{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
 @dataclass(slots=True)
@@ -195,20 +167,32 @@ _NOT_JSON = b"<html><head><title>502 Bad Gateway</title></head><body>upstream re
 
 
 class Simulator:
-    """The simulator's answers, limits and faults, as a plain class (HTTP is in `make_app`)."""
+    """The simulator's answers, limits and faults, as a plain class (HTTP: ``sim_server``)."""
 
-    def __init__(self, spec: SimulatorSpec, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, cfg: DistillConfig, clock: Callable[[], float] = time.monotonic):
+        spec = cfg.teacher.simulator
         self.spec = spec
+        self.model = cfg.teacher.model
+        self.label_key = cfg.task.label_key
         self.clock = clock
-        self._expansion = (
-            _template_regex(spec.expansion_template) if spec.expansion_template else None
-        )
+        # Inputs are recovered from the task's prompt and from every voter's own prompt.
+        self.prompts = [Prompt.from_task(cfg.task)] + [
+            Prompt(v.prompt.text(), v.prompt.placeholder, v.prompt.system)
+            for v in cfg.teacher.voters
+            if v.prompt is not None
+        ]
+        self.replay: dict[str, str] = {}
+        for src in spec.replay:
+            self.replay.update(load_replay(src.path, src.input_field, src.response_field))
+        seeds = cfg.data.seeds
+        self._expansion = _template_regex(seeds.template) if seeds is not None else None
         # Separate streams, so changing the latency distribution leaves which requests fault alone.
         self._fault_rng = random.Random(f"{spec.seed}:faults")
         self._latency_rng = random.Random(f"{spec.seed}:latency")
         self._bands: list[tuple[float, str]] = []  # (upper end, kind) on [0, 1)
         upper = 0.0
-        for kind, rate in spec.fault_rates().items():
+        for kind, name in FAULT_RATES.items():
+            rate = getattr(spec, name)
             if rate > 0:
                 upper += rate
                 self._bands.append((upper, kind))
@@ -353,7 +337,7 @@ class Simulator:
         return self._latency_rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma) / 1000
 
     def _input_of(self, prompt_text: str) -> str:
-        for p in self.spec.prompts:
+        for p in self.prompts:
             extracted = p.extract(prompt_text)
             if extracted is not None:
                 return extracted
@@ -373,6 +357,12 @@ class Simulator:
             return 400, _error(
                 f"'n' must be an integer in [1, 16], got {n!r}", "invalid_request_error"
             )
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            return 400, _error(
+                f"'max_tokens' must be a positive integer, got {max_tokens!r}",
+                "invalid_request_error",
+            )
         texts = self._texts(user, n, body)
         if texts is None:
             self.counts["not_found"] += 1
@@ -383,18 +373,24 @@ class Simulator:
         self._served += 1
         if unparsable:
             texts = [_PROSE[(self._served + i) % len(_PROSE)] for i in range(n)]
-        prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in messages)
+        # Like a real API, an answer stops at max_tokens (per sample), cut mid-text.
+        finish = ["stop"] * n
+        if max_tokens is not None:
+            for i, t in enumerate(texts):
+                if count_tokens(t) > max_tokens:
+                    texts[i], finish[i] = t[: max_tokens * CHARS_PER_TOKEN], "length"
+        prompt_tokens = count_prompt_tokens(messages)
         completion_tokens = sum(count_tokens(t) for t in texts)
         return 200, {
             "id": f"{self._id_prefix}{self._served:012x}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": body.get("model") or self.spec.model,
+            "model": body.get("model") or self.model,
             "choices": [
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": t},
-                    "finish_reason": "stop",
+                    "finish_reason": finish[i],
                     "logprobs": None,
                 }
                 for i, t in enumerate(texts)
@@ -413,16 +409,16 @@ class Simulator:
                 self.counts["expansion"] += 1
                 return [self._expand(user, m, i, body) for i in range(n)]
         text = self._input_of(user)
-        if text in self.spec.replay:
+        if text in self.replay:
             self.counts["replay"] += 1
-            return [self.spec.replay[text]] * n
+            return [self.replay[text]] * n
         if self.spec.rule == "quickstart":
             self.counts["rule"] += 1
             return [
                 synthetic.format_answer(
                     synthetic.teacher_label(text, self.spec.error_rate, self.spec.seed, sample=i),
                     text,
-                    self.spec.label_key,
+                    self.label_key,
                 )
                 for i in range(n)
             ]
@@ -445,151 +441,3 @@ _METRIC_KEYS = frozenset({"requests", "ok", "rate_limited", "prompt_tokens", "co
 
 def _error(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-def _api_key(authorization: str | None) -> str:
-    """The key of an ``Authorization: Bearer KEY`` header ('' when there is none)."""
-    if not authorization:
-        return ""
-    scheme, _, key = authorization.partition(" ")
-    return key.strip() if scheme.lower() == "bearer" else ""
-
-
-def make_app(sim: Simulator) -> web.Application:
-    async def chat(request: web.Request) -> web.Response:
-        sim.in_flight += 1
-        if sim.in_flight > sim.max_in_flight:
-            sim.max_in_flight = sim.in_flight
-        if sim.first_request_at is None:
-            sim.first_request_at = sim.clock()
-        try:
-            r = sim.reply(await request.read(), _api_key(request.headers.get("Authorization")))
-            if r.delay_s > 0:
-                await asyncio.sleep(r.delay_s)
-            return web.Response(
-                body=r.body, status=r.status, headers=r.headers, content_type="application/json"
-            )
-        finally:
-            sim.in_flight -= 1
-            sim.last_reply_at = sim.clock()
-
-    async def models(_: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": sim.spec.model,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "distill-simulator",
-                    }
-                ],
-            }
-        )
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.json_response(sim.metrics())
-
-    async def reset_metrics(_: web.Request) -> web.Response:
-        sim.reset_metrics()
-        return web.json_response(sim.metrics())
-
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    app = web.Application(client_max_size=64 * 2**20)
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/metrics/reset", reset_metrics)
-    app.router.add_get("/health", health)
-    return app
-
-
-def serve_forever(sim: Simulator, host: str, port: int, ready_file: str | None = None) -> None:
-    """Run the server until killed; print (and optionally write) its base URL when listening."""
-
-    async def main() -> None:
-        runner = web.AppRunner(make_app(sim), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=4096)
-        await site.start()
-        bound = runner.addresses[0][1]
-        url = f"http://{host}:{bound}/v1"
-        print(f"teacher simulator listening on {url}", flush=True)
-        if ready_file:
-            tmp = Path(ready_file + ".tmp")
-            tmp.write_text(url)
-            tmp.rename(ready_file)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
-
-
-def spec_from_config(cfg) -> SimulatorSpec:
-    """The simulator a run config asks for (replay tables are read here)."""
-    sim = cfg.teacher.simulator
-    replay: dict[str, str] = {}
-    for src in sim.replay:
-        replay.update(load_replay(src.path, src.input_field, src.response_field))
-    return SimulatorSpec(
-        model=cfg.teacher.model,
-        replay=replay,
-        rule=sim.rule,
-        error_rate=sim.error_rate,
-        latency_ms=sim.latency_ms,
-        seed=sim.seed,
-        prompts=[Prompt.from_task(cfg.task)],
-        expansion_template=cfg.data.seeds.template if cfg.data.seeds else None,
-        label_key=cfg.task.label_key,
-        latency_dist=sim.latency_dist,
-        latency_sigma=sim.latency_sigma,
-        rate_429=sim.rate_429,
-        retry_after_s=sim.retry_after_s,
-        rate_500=sim.rate_500,
-        rate_503=sim.rate_503,
-        rate_hang=sim.rate_hang,
-        hang_s=sim.hang_s,
-        rate_malformed=sim.rate_malformed,
-        rate_unparsable=sim.rate_unparsable,
-        rpm_per_key=sim.rpm_per_key,
-        rpm_burst=sim.rpm_burst,
-    )
-
-
-@contextlib.contextmanager
-def simulator_process(
-    *args: str, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0
-) -> Iterator[str]:
-    """Run `distill teacher-sim ARGS` as a child process; yield its base URL once it listens;
-    stop it on exit. Used by runs (``running_simulator``), tests and benchmarks."""
-    with tempfile.TemporaryDirectory(prefix="distill-sim-") as tmp:
-        ready = Path(tmp) / "url"
-        with open(Path(tmp) / "sim.log", "w+") as log:
-            cmd = [sys.executable, "-m", "ray_pipeline.cli", "teacher-sim", *args]
-            cmd += ["--host", host, "--port", str(port), "--ready-file", str(ready)]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                deadline = time.monotonic() + timeout_s
-                while not ready.exists():
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        raise RuntimeError(
-                            f"teacher simulator did not start (exit code {proc.poll()}):\n"
-                            f"{log.read()[-3000:]}"
-                        )
-                    time.sleep(0.05)
-                yield ready.read_text()
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def running_simulator(config_file: str | Path, host: str = "127.0.0.1", port: int = 0):
-    """The simulator a run config describes (`distill teacher-sim --from-config FILE`)."""
-    return simulator_process("--from-config", str(config_file), host=host, port=port)

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_pipeline.config import TrainSection
-from ray_pipeline.evaluate.report import load_report, require
-from ray_pipeline.runtime import Run
+from ray_pipeline.run_state import Run
 from ray_pipeline.train.data import Example
 
 log = logging.getLogger("distill.train")
@@ -52,8 +51,8 @@ class Prepared:
 
 def curated_dataset(run: Run) -> tuple[str, str]:
     """(dataset dir, manifest path) from the curate stage's report section."""
-    outputs = require(load_report(run.dir), "curate", run.dir)["outputs"]
-    return outputs["train"], outputs["manifest"]
+    run.require("curate")
+    return str(run.paths.dataset_train), str(run.paths.dataset_manifest)
 
 
 def _student_assets(
@@ -264,7 +263,7 @@ def run_train(run: Run) -> dict[str, Any]:
     train = run.cfg.train
     # A re-run replaces the previous one: Ray Train would otherwise take the old run folder of
     # the same name for a run to resume.
-    shutil.rmtree(run.dir / "train", ignore_errors=True)
+    shutil.rmtree(run.paths.train, ignore_errors=True)
     out = run.stage_dir("train")
     prepared = prepare(run, out)
     trainer = make_trainer(

@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from ray_pipeline.teacher.simulator import simulator_process
+from ray_pipeline.data import synthetic
+from ray_pipeline.teacher.sim_server import simulator_process
 
 
 @pytest.fixture(scope="session")
@@ -20,11 +22,30 @@ def ray_local():
     ray.shutdown()
 
 
+def write_sim_config(path: Path, **settings) -> Path:
+    """A run config for the quickstart task whose teacher.simulator section holds `settings`
+    (what `distill teacher-sim CONFIG` serves)."""
+    data = {
+        "task": synthetic.TASK,
+        "teacher": {"model": "sim-teacher", "simulator": {"enabled": True, **settings}},
+        "data": {"logs": [{"path": "unused.jsonl"}]},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture()
-def simulator():
-    """Start `distill teacher-sim ARGS` (any number of times); each is stopped after the test."""
+def simulator(tmp_path):
+    """Start the simulator with teacher.simulator settings, e.g. simulator(rule="quickstart",
+    rate_429=0.1) (any number of times); each is stopped after the test."""
+    configs = iter(range(1000))
     with contextlib.ExitStack() as stack:
-        yield lambda *args: stack.enter_context(simulator_process(*args))
+
+        def start(**settings) -> str:
+            path = write_sim_config(tmp_path / f"simulator-{next(configs)}.yaml", **settings)
+            return stack.enter_context(simulator_process(path))
+
+        yield start
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_curate_keeps_good_rows_and_says_why_it_dropped_the_rest(
     ray_local, simulator, tmp_path, monkeypatch
 ):
-    url = simulator("--rule", "quickstart", "--error-rate", "0")
+    url = simulator(rule="quickstart", error_rate=0)
     monkeypatch.setenv("CURATE_KEY", "k")
     good = synthetic.generate_comments(20, seed=4)
     test_input = "This article is clearly fine, thanks"

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pyarrow.parquet as pq
 import pytest
 
 from ray_pipeline.config import LogSource, load_config
+from ray_pipeline.data.prompts import Prompt
 from ray_pipeline.data.schema import OK
 from ray_pipeline.data.sources import log_rows
-from ray_pipeline.evaluate.report import STAGES, load_report
-from ray_pipeline.teacher.prompts import Prompt
+from ray_pipeline.run_state import STAGES, load_report
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,6 +40,9 @@ def test_every_input_record_is_one_row(e2e_run, root):
     )
     assert gen["rows"] == log_records + gen["synthetic"]["kept"]
     assert gen["malformed_records"] == 2 and gen["status"]["failed"] >= 2
+    # Every token the teacher was paid for is on a row or in the seed expansion's count.
+    assert gen["prompt_tokens"] + gen["completion_tokens"] == gen["quota"]["tokens"] > 0
+    assert gen["quota"]["over_estimate"] == 0
     assert cur["rows_in"] == gen["rows"] == cur["kept"] + cur["filtered"] + cur["failed"]
     kept = pq.read_table(cur["outputs"]["train"])
     rejected = pq.read_table(cur["outputs"]["rejected"]).to_pylist()
@@ -64,11 +68,12 @@ def test_serve_split_traffic_and_logged_every_request(e2e_run, root, in_root):
     # The request log is the next round's input: it reads as a log, teacher answers kept.
     cfg = load_config(root / "configs/quickstart.yaml")
     rows = log_rows(
-        log_lines,
+        io.BytesIO(log_lines),
         "requests.jsonl",
         LogSource(path="requests.jsonl"),
         Prompt.from_task(cfg.task),
         cfg.task,
     )
+    rows = list(rows)
     assert [r["status"] for r in rows] == [OK] * 12
     assert sum(r["response"] is not None for r in rows) == serve["answered_by"].get("teacher", 0)

@@ -10,10 +10,11 @@ import openai
 import pytest
 
 from ray_pipeline.data import synthetic
-from ray_pipeline.evaluate.report import load_report
+from ray_pipeline.data.prompts import Prompt
+from ray_pipeline.run_state import load_report
 from ray_pipeline.serving.stage import APP_IMPORT_PATH, TARGET_HEADER, deploy, free_port, load_app
-from ray_pipeline.teacher.prompts import Prompt
-from ray_pipeline.teacher.simulator import simulator_process
+from ray_pipeline.teacher.sim_server import simulator_process
+from tests.integration.conftest import write_sim_config
 
 pytestmark = pytest.mark.integration
 PROMPT = Prompt(synthetic.PROMPT)
@@ -27,8 +28,10 @@ def router(ray_local, e2e_run, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     sims = contextlib.ExitStack()
-    good_url = sims.enter_context(simulator_process("--rule", "quickstart"))
-    bad_url = sims.enter_context(simulator_process("--rate-500", "1.0"))
+    good = write_sim_config(tmp / "good.yaml", rule="quickstart")
+    bad = write_sim_config(tmp / "bad.yaml", rate_500=1.0)
+    good_url = sims.enter_context(simulator_process(good))
+    bad_url = sims.enter_context(simulator_process(bad))
     port = free_port("127.0.0.1")
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     checkpoint = load_report(e2e_run)["evaluate"]["checkpoint"]

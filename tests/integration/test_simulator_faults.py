@@ -14,9 +14,9 @@ import pytest
 from multidict import CIMultiDict
 
 from ray_pipeline.data import synthetic
+from ray_pipeline.data.prompts import Prompt
 from ray_pipeline.teacher.client import TeacherClient
 from ray_pipeline.teacher.parse import parse_answer
-from ray_pipeline.teacher.prompts import Prompt
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 PROMPT = Prompt(synthetic.PROMPT)
@@ -57,7 +57,7 @@ def openai_client(url: str, key: str = "k", timeout: float = 10.0) -> openai.Asy
 
 
 def test_injected_429_carries_retry_after(simulator):
-    url = simulator("--rule", "quickstart", "--rate-429", "1", "--retry-after", "2")
+    url = simulator(rule="quickstart", rate_429=1, retry_after_s=2)
     status, headers, raw = asyncio.run(post_all(url, 1))[0]
     assert status == 429
     assert headers["retry-after"] == "2" and headers["retry-after-ms"] == "2000"
@@ -77,7 +77,7 @@ def test_injected_429_carries_retry_after(simulator):
 
 
 def test_500_and_503_have_openai_error_bodies(simulator):
-    url = simulator("--rule", "quickstart", "--rate-500", "0.5", "--rate-503", "0.5", "--seed", "2")
+    url = simulator(rule="quickstart", rate_500=0.5, rate_503=0.5, seed=2)
     replies = asyncio.run(post_all(url, 30))
     assert {s for s, _, _ in replies} == {500, 503}
     for status, headers, raw in replies:
@@ -88,7 +88,7 @@ def test_500_and_503_have_openai_error_bodies(simulator):
 
 
 def test_malformed_body_makes_the_openai_client_raise(simulator):
-    url = simulator("--rule", "quickstart", "--rate-malformed", "1")
+    url = simulator(rule="quickstart", rate_malformed=1)
     replies = asyncio.run(post_all(url, 2))
     for status, _, raw in replies:  # a proxy page and a truncated completion
         assert status == 200
@@ -111,7 +111,7 @@ def test_malformed_body_makes_the_openai_client_raise(simulator):
 
 
 def test_unparsable_answer_is_a_200_with_nothing_to_parse(simulator):
-    url = simulator("--rule", "quickstart", "--rate-unparsable", "1")
+    url = simulator(rule="quickstart", rate_unparsable=1)
 
     async def sdk() -> str:
         client = openai_client(url)
@@ -126,7 +126,7 @@ def test_unparsable_answer_is_a_200_with_nothing_to_parse(simulator):
 
 
 def test_a_hang_exceeds_a_short_client_timeout(simulator):
-    url = simulator("--rule", "quickstart", "--rate-hang", "1", "--hang-s", "30")
+    url = simulator(rule="quickstart", rate_hang=1, hang_s=30)
 
     async def sdk() -> float:
         client = openai_client(url, timeout=0.5)
@@ -144,7 +144,7 @@ def test_a_hang_exceeds_a_short_client_timeout(simulator):
 
 
 def test_per_key_rpm_limit(simulator):
-    url = simulator("--rule", "quickstart", "--rpm-per-key", "60", "--rpm-burst", "3")
+    url = simulator(rule="quickstart", rpm_per_key=60, rpm_burst=3)
 
     async def run() -> tuple[list, list]:
         return await post_all(url, 5, key="team-a"), await post_all(url, 2, key="team-b")
@@ -160,27 +160,17 @@ def test_per_key_rpm_limit(simulator):
 
 
 def test_metrics_match_what_was_sent_and_reset(simulator):
-    args = [
-        "--rule",
-        "quickstart",
-        "--seed",
-        "5",
-        "--latency-ms",
-        "2",
-        "--latency-dist",
-        "lognormal",
-    ]
-    faults = [
-        "--rate-429",
-        "0.2",
-        "--rate-500",
-        "0.1",
-        "--rate-503",
-        "0.1",
-        "--rate-unparsable",
-        "0.1",
-    ]
-    url = simulator(*args, *faults)
+    settings = {
+        "rule": "quickstart",
+        "seed": 5,
+        "latency_ms": 2,
+        "latency_dist": "lognormal",
+        "rate_429": 0.2,
+        "rate_500": 0.1,
+        "rate_503": 0.1,
+        "rate_unparsable": 0.1,
+    }
+    url = simulator(**settings)
     replies = asyncio.run(post_all(url, 80))
     m = asyncio.run(get_metrics(url))
     statuses = Counter(s for s, _, _ in replies)
@@ -200,7 +190,7 @@ def test_metrics_match_what_was_sent_and_reset(simulator):
     assert m["prompt_tokens"] == sum(b["usage"]["prompt_tokens"] for b in oks)
     assert m["completion_tokens"] == sum(b["usage"]["completion_tokens"] for b in oks)
     # The same seed serves the same sequence of faults.
-    again = simulator(*args, *faults)
+    again = simulator(**settings)
     assert [s for s, _, _ in asyncio.run(post_all(again, 80))] == [s for s, _, _ in replies]
     reset = asyncio.run(get_metrics(url, reset=True))
     assert reset["requests"] == reset["ok"] == reset["total_tokens"] == 0 and reset["status"] == {}
@@ -208,18 +198,7 @@ def test_metrics_match_what_was_sent_and_reset(simulator):
 
 def test_the_teacher_client_retries_through_transient_faults(simulator):
     url = simulator(
-        "--rule",
-        "quickstart",
-        "--error-rate",
-        "0",
-        "--rate-429",
-        "0.3",
-        "--retry-after",
-        "0",
-        "--rate-500",
-        "0.2",
-        "--rate-503",
-        "0.1",
+        rule="quickstart", error_rate=0, rate_429=0.3, retry_after_s=0, rate_500=0.2, rate_503=0.1
     )
 
     async def run() -> list:

@@ -13,9 +13,9 @@ import pytest
 from ray_pipeline.config import load_config
 from ray_pipeline.data import synthetic
 from ray_pipeline.data.manifest import write_manifest
+from ray_pipeline.data.prompts import Prompt
 from ray_pipeline.data.schema import dumps, new_row, row_id, to_table
-from ray_pipeline.runtime import Run
-from ray_pipeline.teacher.prompts import Prompt
+from ray_pipeline.run_state import Run
 
 pytestmark = pytest.mark.integration
 

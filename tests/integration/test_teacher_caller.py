@@ -11,14 +11,16 @@ import pytest
 
 from ray_pipeline.config import TaskSection, TeacherSection
 from ray_pipeline.data import synthetic
+from ray_pipeline.data.prompts import Prompt
 from ray_pipeline.data.schema import FAILED, OK, dumps, new_row, row_id
-from ray_pipeline.generate.teacher_calls import TeacherCaller, ask_specs, parse_rows
-from ray_pipeline.teacher.prompts import Prompt
-from ray_pipeline.teacher.quota import Quota
+from ray_pipeline.teacher.caller import TeacherCaller, TeacherEndpoint, ask_specs
+from ray_pipeline.teacher.parse import parse_rows
+from ray_pipeline.teacher.quota import Quota, from_pico, to_pico
 
 pytestmark = pytest.mark.integration
 PROMPT = Prompt(synthetic.PROMPT)
 TASK = TaskSection.model_validate(synthetic.TASK)
+SIM = "simulator:test"  # the endpoint's identity in the cache and the quota
 
 
 def rows(n, seed=0):
@@ -40,7 +42,7 @@ def metrics(url):
 
 def run_caller(url, teacher: dict, batch, quota=None, cache_dir=None):
     cfg = TeacherSection.model_validate({"simulator": {"enabled": True}, **teacher})
-    specs = ask_specs(cfg, url, "k", simulator=True)
+    specs = ask_specs(cfg, TeacherEndpoint(url, "k", SIM))
     caller = TeacherCaller(specs, cfg.model_dump(mode="json"), quota, cache_dir)
 
     async def go():
@@ -53,13 +55,13 @@ def run_caller(url, teacher: dict, batch, quota=None, cache_dir=None):
 
 
 def test_every_row_answered_and_cached(simulator, tmp_path):
-    url = simulator("--rule", "quickstart", "--label-key", "toxic")
+    url = simulator(rule="quickstart")
     out = parse_rows(
         run_caller(
             url,
             {"per_actor_concurrency": 8},
             rows(40),
-            Quota({"simulator:0": {}}),
+            Quota({SIM: {}}),
             str(tmp_path / "cache"),
         ),
         TASK,
@@ -73,15 +75,15 @@ def test_every_row_answered_and_cached(simulator, tmp_path):
         for r in out
     )
     sent = metrics(url)["ok"]
-    again = run_caller(url, {}, rows(40), Quota({"simulator:0": {}}), str(tmp_path / "cache"))
+    again = run_caller(url, {}, rows(40), Quota({SIM: {}}), str(tmp_path / "cache"))
     assert metrics(url)["ok"] == sent == 40  # the re-run made zero calls
     assert all(r["cached"] and r["cost"] == 0.0 for r in again)
     assert [r["response"] for r in again] == [r["response"] for r in out]
 
 
 def test_budget_stops_cleanly_and_accounts_every_row(simulator):
-    url = simulator("--rule", "quickstart")
-    quota = Quota({"simulator:0": {}}, max_cost_usd=0.01)
+    url = simulator(rule="quickstart")
+    quota = Quota({SIM: {}}, max_cost_usd=0.01)
     teacher = {
         "model": "sim-teacher",
         "max_tokens": 10,
@@ -94,12 +96,13 @@ def test_budget_stops_cleanly_and_accounts_every_row(simulator):
     refused = [r for r in out if r["status"] == FAILED]
     assert len(ok) + len(refused) == 60 and ok and refused
     assert all(r["reason"].startswith("budget_exhausted: max_cost_usd 0.01") for r in refused)
-    assert quota.spent_cost <= 0.01 and metrics(url)["ok"] == len(ok)
-    assert sum(r["cost"] for r in ok) == pytest.approx(quota.spent_cost)
+    spent = quota.snapshot()["cost_usd"]
+    assert spent <= 0.01 and metrics(url)["ok"] == len(ok)
+    assert from_pico(sum(to_pico(r["cost"]) for r in out)) == spent  # exactly
 
 
 def test_voters_and_samples_fill_votes(simulator):
-    url = simulator("--rule", "quickstart", "--error-rate", "0.3")
+    url = simulator(rule="quickstart", error_rate=0.3)
     teacher = {
         "n": 3,
         "temperature": 0.7,
@@ -120,3 +123,48 @@ def test_voters_and_samples_fill_votes(simulator):
         assert all(v["label"] in ("0", "1") for v in votes)
         assert r["label"] == votes[0]["label"]
     assert metrics(url)["ok"] == 10  # one request per teacher per row, n samples each
+
+
+def test_reservations_cover_what_each_request_uses_and_every_cent_reaches_a_row(simulator):
+    """Rows from a few characters to a few thousand, a voter with n=3 on its own (longer)
+    prompt, a 500 on a third of the requests without retries (so some rows lose their main
+    answer but keep their voter's): no request may use more than it reserved, the budget
+    holds, and the rows' costs add up to the quota's spend exactly."""
+    url = simulator(rule="quickstart", rate_500=0.3, seed=4)
+    texts = [t * k for k, t in enumerate(synthetic.generate_comments(40, seed=5), 1)]
+    texts += ["ok", "x" * 6000]
+    batch = [
+        new_row(id=row_id("t", t), source="t", input=t, messages=dumps(PROMPT.messages(t)))
+        for t in texts
+    ]
+    teacher = {
+        "model": "sim-teacher",
+        "max_tokens": 24,
+        "max_attempts": 1,
+        "per_actor_concurrency": 8,
+        "rate_limit": {"lease_size": 4},
+        "prices": {"sim-teacher": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}},
+        "voters": [
+            {
+                "name": "careful",
+                "n": 3,
+                "temperature": 0.7,
+                "prompt": {"template": "Think it over, then answer. " + synthetic.PROMPT},
+            }
+        ],
+    }
+    quota = Quota({SIM: {}}, max_cost_usd=0.05)
+    out = run_caller(url, teacher, batch, quota)
+    snap = quota.snapshot()
+    assert snap["over_estimate"] == 0  # every request used at most what it reserved
+    assert snap["budget_stop"] and 0 < snap["cost_usd"] <= 0.05  # stopped, within budget
+    assert any(r["reason"] and r["reason"].startswith("budget_exhausted") for r in out)
+    assert from_pico(sum(to_pico(r["cost"]) for r in out)) == snap["cost_usd"]
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in out) == snap["tokens"]
+    m = metrics(url)
+    assert snap["tokens"] == m["total_tokens"]  # what the server counted, to the token
+    # Rows whose main request failed still carry what their voter's answers cost.
+    voted_only = [
+        r for r in out if r["reason"] and r["reason"].startswith("teacher_error") and r["cost"]
+    ]
+    assert voted_only and all(r["completion_tokens"] > 0 for r in voted_only)

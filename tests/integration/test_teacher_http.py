@@ -10,9 +10,9 @@ import urllib.request
 import pytest
 
 from ray_pipeline.data import synthetic
+from ray_pipeline.data.prompts import Prompt
 from ray_pipeline.teacher.client import TeacherCallError, TeacherClient
 from ray_pipeline.teacher.parse import parse_answer
-from ray_pipeline.teacher.prompts import Prompt
 
 pytestmark = pytest.mark.integration
 PROMPT = Prompt(synthetic.PROMPT)
@@ -27,7 +27,7 @@ async def _complete(url, messages, **kw):
 
 
 def test_chat_completion_with_usage(simulator):
-    url = simulator("--rule", "quickstart", "--error-rate", "0", "--latency-ms", "5")
+    url = simulator(rule="quickstart", error_rate=0, latency_ms=5)
     reply = asyncio.run(_complete(url, PROMPT.messages("what a clown")))
     assert parse_answer(reply.texts[0], "toxic", ["0", "1"], {}).label == "1"
     assert reply.prompt_tokens > 0 and reply.completion_tokens > 0 and reply.attempts == 1

@@ -4,13 +4,8 @@ import csv
 
 import pytest
 
-from ray_pipeline.teacher.parse import (
-    ParseError,
-    normalize_label,
-    parse_answer,
-    parse_list,
-    parse_structured,
-)
+from ray_pipeline.data.schema import normalize_label
+from ray_pipeline.teacher.parse import ParseError, parse_answer, parse_list, parse_structured
 
 ALIASES = {"true": "1", "false": "0"}
 

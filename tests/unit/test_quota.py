@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from ray_pipeline.teacher.quota import BudgetExhausted, LeaseGate, Quota
+from ray_pipeline.teacher.quota import PICO, BudgetExhausted, Estimate, LeaseGate, Quota, to_pico
 
 
 class Clock:
@@ -54,28 +54,45 @@ def test_no_storm_without_evidence_or_when_disabled():
 
 def test_budget_reserves_and_stops_once_nothing_can_come_back():
     q = Quota({"e": {}}, max_cost_usd=1.0, clock=Clock())
-    first = q.lease("e", 3, 10, 0.3)
+    c3 = to_pico(0.3)
+    first = q.lease("e", 3, 10, c3)
     assert len(first.delays) == 3 and first.stop is None and not first.tight
-    second = q.lease("e", 3, 10, 0.3)  # 0.9 reserved: nothing more fits for now
+    second = q.lease("e", 3, 10, c3)  # 0.9 reserved: nothing more fits for now
     assert second.delays == [] and second.stop is None and second.tight
-    q.settle(30, 0.9, 30, 0.3, {"rows_done": 3})  # the calls cost less than reserved
-    third = q.lease("e", 3, 10, 0.3)
+    q.settle("e", 30, 3 * c3, 30, to_pico(0.3), {"rows_done": 3})  # cheaper than reserved
+    third = q.lease("e", 3, 10, c3)
     assert len(third.delays) == 2 and third.tight  # 0.7 left: two more fit
-    q.settle(20, 0.6, 20, 0.6, {"rows_done": 2})
-    last = q.lease("e", 3, 10, 0.3)  # 0.1 left, nothing in flight: the budget is spent
+    q.settle("e", 20, 2 * c3, 20, to_pico(0.6), {"rows_done": 2})
+    last = q.lease("e", 3, 10, c3)  # 0.1 left, nothing in flight: the budget is spent
     assert last.delays == [] and "max_cost_usd 1.0 reached (spent 0.9000)" in last.stop
     snap = q.snapshot()
-    assert snap["cost_usd"] == pytest.approx(0.9) and snap["rows_done"] == 5 and snap["budget_stop"]
+    assert snap["cost_usd"] == 0.9 and snap["rows_done"] == 5 and snap["budget_stop"]
 
 
 def test_token_budget():
     q = Quota({"e": {}}, max_tokens=250, clock=Clock())
-    assert len(q.lease("e", 5, 100, 0.0).delays) == 2
-    q.settle(200, 0.0, 200, 0.0)
+    assert len(q.lease("e", 5, 100, 0).delays) == 2
+    q.settle("e", 200, 0, 200, 0)
     assert (
-        q.lease("e", 5, 100, 0.0).delays == []
+        q.lease("e", 5, 100, 0).delays == []
         and "max_tokens 250 reached" in q.snapshot()["budget_stop"]
     )
+
+
+def test_costs_add_up_exactly_in_any_order():
+    # Floats would drift (0.1 + 0.2 != 0.3); whole pico-dollars do not.
+    q = Quota({"e": {}}, clock=Clock())
+    costs = [0.1, 0.2, 0.3, 1e-7, 0.123456789012]
+    for c in costs:
+        q.settle("e", 0, 0, 1, to_pico(c))
+    assert q.snapshot()["cost_usd"] * PICO == sum(to_pico(c) for c in reversed(costs))
+
+
+def test_tokens_beyond_a_slots_count_push_the_tpm_schedule():
+    q = Quota({"e": {"tpm": 6000}}, burst_s=0.0, clock=Clock())  # 100 tokens/s
+    assert q.lease("e", 1, 50, 0).delays == pytest.approx([0.0])
+    q.settle("e", 0, 0, 0, 0, rate_tokens=100)  # a 150-token request went in a 50-token slot
+    assert q.lease("e", 1, 50, 0).delays == pytest.approx([1.5])
 
 
 def test_sporadic_429s_do_not_pause_but_a_storm_does():
@@ -112,19 +129,57 @@ def test_repeated_storms_lower_the_rate_then_quiet_windows_recover_it():
     assert q.endpoints["e"].rate_cap is None  # back at the configured 10/s
 
 
-def test_gate_accounts_slots_and_reports_progress():
+def test_gate_reserves_each_requests_own_estimate():
+    q = Quota({"e": {}}, max_cost_usd=1.0, clock=Clock())
+    small, big = Estimate(10, 0.01), Estimate(1000, 0.2)
+
+    async def main():
+        gate = LeaseGate(q, "e", lease_size=4)
+        await gate.acquire(small)  # one lease: 4 slots with a small request's reservation each
+        assert q.reserved_pico == to_pico(0.04) and q.reserved_tokens == 40
+        await gate.acquire(big)  # the spare 0.03 cannot cover it: its own reservation
+        assert q.reserved_pico == to_pico(0.04 + 0.2) and q.reserved_tokens == 1040
+        gate.release(small, tokens=7, cost=0.005)
+        gate.release(big, tokens=900, cost=0.15)
+        gate.count(rows_done=2, calls=2)
+        await gate.flush()
+        # Real use is spent; the two requests' reservations are back; the spare stays held.
+        assert q.spent_pico == to_pico(0.155) and q.spent_tokens == 907
+        assert q.reserved_pico == to_pico(0.03) and q.reserved_tokens == 30
+        await gate.close()  # the spare goes back
+        assert q.reserved_pico == 0 and q.reserved_tokens == 0
+        assert q.snapshot()["calls"] == 2 and q.snapshot()["over_estimate"] == 0
+
+    asyncio.run(main())
+
+
+def test_gate_counts_requests_that_used_more_than_reserved():
+    q = Quota({"e": {}}, clock=Clock())
+
+    async def main():
+        gate = LeaseGate(q, "e", lease_size=2)
+        est = Estimate(10, 0.0)
+        await gate.acquire(est)
+        gate.release(est, tokens=11)
+        await gate.close()
+        assert q.snapshot()["over_estimate"] == 1
+
+    asyncio.run(main())
+
+
+def test_gate_gives_its_spare_back_when_a_big_request_does_not_fit():
+    """The spare budget of small leases must not block a big request forever: the gate gives
+    it back, and the budget stops cleanly once nothing else is in flight."""
     q = Quota({"e": {}}, max_cost_usd=1.0, clock=Clock())
 
     async def main():
-        gate = LeaseGate(q, "e", lease_size=4, est_tokens=10, est_cost=0.1)
-        await gate.acquire()
-        assert q.reserved_cost == pytest.approx(0.4)  # one lease of 4 slots
-        gate.release(tokens=7, cost=0.05)
-        gate.count(rows_done=1, calls=1)
-        await gate.flush()
-        assert q.spent_cost == pytest.approx(0.05) and q.reserved_cost == pytest.approx(0.3)
-        await gate.close()  # unused slots give their reservation back
-        assert q.reserved_cost == pytest.approx(0.0) and q.snapshot()["calls"] == 1
+        gate = LeaseGate(q, "e", lease_size=4)
+        small = Estimate(1, 0.2)
+        await gate.acquire(small)  # 0.8 reserved for 4 small requests
+        gate.release(small, tokens=1, cost=0.2)  # the first one cost what it reserved
+        with pytest.raises(BudgetExhausted, match="max_cost_usd"):
+            await gate.acquire(Estimate(1, 0.9))  # 0.8 left in all: it can never fit
+        assert q.reserved_pico == 0 and q.spent_pico == to_pico(0.2)
 
     asyncio.run(main())
 
@@ -133,12 +188,13 @@ def test_gate_raises_when_the_budget_is_spent():
     q = Quota({"e": {}}, max_cost_usd=0.25, clock=Clock())
 
     async def main():
-        gate = LeaseGate(q, "e", lease_size=4, est_tokens=10, est_cost=0.1)
-        await gate.acquire()
-        await gate.acquire()
-        gate.release(10, 0.1)
-        gate.release(10, 0.1)
+        gate = LeaseGate(q, "e", lease_size=4)
+        est = Estimate(10, 0.1)
+        await gate.acquire(est)
+        await gate.acquire(est)
+        gate.release(est, 10, 0.1)
+        gate.release(est, 10, 0.1)
         with pytest.raises(BudgetExhausted, match="max_cost_usd"):
-            await gate.acquire()
+            await gate.acquire(est)
 
     asyncio.run(main())

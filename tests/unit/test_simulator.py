@@ -8,18 +8,37 @@ import pytest
 
 from ray_pipeline.config import ConfigError, SeedsSection, load_config
 from ray_pipeline.data import synthetic
+from ray_pipeline.data.prompts import Prompt
 from ray_pipeline.teacher.parse import parse_answer, parse_list
-from ray_pipeline.teacher.prompts import Prompt
 from ray_pipeline.teacher.simulator import (
     FAULT_KINDS,
     RpmLimiter,
     Simulator,
-    SimulatorSpec,
+    count_prompt_tokens,
     load_replay,
-    spec_from_config,
+    simulator_identity,
 )
 
 PROMPT = Prompt(synthetic.PROMPT)
+
+
+def config(task=synthetic.TASK, seeds=False, **settings):
+    """A run config whose teacher.simulator section holds `settings`."""
+    data = {"logs": [{"path": "x.jsonl"}]}
+    if seeds:
+        data["seeds"] = {"path": "s.jsonl"}
+    return load_config(
+        data={
+            "task": task,
+            "teacher": {"model": "sim-teacher", "simulator": {"enabled": True, **settings}},
+            "data": data,
+        }
+    )
+
+
+def make(clock=None, **settings) -> Simulator:
+    cfg = config(**settings)
+    return Simulator(cfg) if clock is None else Simulator(cfg, clock)
 
 
 def ask(sim, text, **body):
@@ -27,7 +46,7 @@ def ask(sim, text, **body):
 
 
 def test_rule_answers_follow_the_rule_with_errors():
-    sim = Simulator(SimulatorSpec(rule="quickstart", error_rate=0.0, prompts=[PROMPT]))
+    sim = make(rule="quickstart", error_rate=0.0)
     status, body = ask(sim, "You are a moron")
     assert status == 200
     assert (
@@ -50,8 +69,11 @@ def test_replay_by_input_text(jigsaw_dir):
         jigsaw_dir / "test.balanced.gpt-4.responses.csv", "comment_text", "simple_prompt"
     )
     assert len(table) == 400
-    prompt = Prompt((jigsaw_dir / "prompt.simple.txt").read_text(), "%s")
-    sim = Simulator(SimulatorSpec(replay=table, prompts=[prompt]))
+    prompt_file = jigsaw_dir / "prompt.simple.txt"
+    prompt = Prompt(prompt_file.read_text(), "%s")
+    task = {"prompt": {"file": str(prompt_file), "placeholder": "%s"}, "labels": ["0", "1"]}
+    replay = [{"path": str(jigsaw_dir / "test.balanced.gpt-4.responses.csv")}]
+    sim = make(task=task, replay=replay)
     comment, recorded = next(iter(table.items()))
     status, body = sim.answer({"messages": prompt.messages(comment)})
     assert status == 200 and body["choices"][0]["message"]["content"] == recorded
@@ -65,7 +87,7 @@ def test_every_jigsaw_responses_file_loads_as_a_replay_table(jigsaw_dir):
 
 
 def test_bad_requests_are_400():
-    sim = Simulator(SimulatorSpec(rule="quickstart"))
+    sim = make(rule="quickstart")
     assert sim.answer({"messages": []})[0] == 400
     assert sim.answer({"messages": [{"role": "assistant", "content": "x"}]})[0] == 400
     assert sim.answer({"messages": PROMPT.messages("x"), "n": 99})[0] == 400
@@ -73,7 +95,7 @@ def test_bad_requests_are_400():
 
 def test_seed_expansion_requests():
     tmpl = SeedsSection(path="s.jsonl").template
-    sim = Simulator(SimulatorSpec(rule="quickstart", expansion_template=tmpl))
+    sim = make(rule="quickstart", seeds=True)
     prompt = tmpl.format(task="toxicity", examples="- a\n- b", n=7)
     status, body = sim.answer({"messages": [{"role": "user", "content": prompt}], "seed": 1})
     items = parse_list(body["choices"][0]["message"]["content"])
@@ -96,7 +118,7 @@ class FakeClock:
 
 
 def faulty(**kw) -> Simulator:
-    return Simulator(SimulatorSpec(rule="quickstart", error_rate=0.0, prompts=[PROMPT], **kw))
+    return make(rule="quickstart", error_rate=0.0, **kw)
 
 
 def test_every_fault_kind_at_its_rate():
@@ -214,9 +236,7 @@ def test_injected_429_carries_retry_after():
 
 def test_per_key_rpm_limit_with_a_fake_clock():
     clock = FakeClock()
-    sim = Simulator(
-        SimulatorSpec(rule="quickstart", prompts=[PROMPT], rpm_per_key=60, rpm_burst=2), clock=clock
-    )
+    sim = make(clock, rule="quickstart", rpm_per_key=60, rpm_burst=2)
     assert [sim.reply(raw("a"), "key-1").status for _ in range(2)] == [200, 200]  # the burst
     r = sim.reply(raw("a"), "key-1")
     assert r.status == 429 and r.fault is None and r.delay_s == 0
@@ -251,7 +271,7 @@ def test_rpm_limiter_sustains_its_rate():
 
 def test_metrics_count_tokens_and_reset():
     clock = FakeClock()
-    sim = Simulator(SimulatorSpec(rule="quickstart", prompts=[PROMPT]), clock=clock)
+    sim = make(clock, rule="quickstart")
     bodies = [json.loads(sim.reply(raw(f"c{i}")).body) for i in range(5)]
     sim.reply(b"not json")
     clock.now += 2
@@ -272,49 +292,55 @@ def test_metrics_count_tokens_and_reset():
     assert set(m["faults"]) == set(FAULT_KINDS)
 
 
-def test_invalid_fault_settings_are_refused():
-    with pytest.raises(ValueError, match="sum to at most 1"):
-        SimulatorSpec(rate_429=0.6, rate_500=0.6)
-    with pytest.raises(ValueError, match="rate_hang must be in"):
-        SimulatorSpec(rate_hang=-0.1)
-    with pytest.raises(ValueError, match="latency_dist"):
-        SimulatorSpec(latency_dist="pareto")
-    with pytest.raises(ValueError, match="rpm_per_key"):
-        SimulatorSpec(rpm_per_key=0)
-
-
-def test_fault_settings_from_the_run_config():
-    sim_cfg = {
-        "enabled": True,
-        "rule": "quickstart",
-        "latency_ms": 20,
-        "latency_dist": "lognormal",
-        "latency_sigma": 0.4,
-        "rate_429": 0.1,
-        "retry_after_s": 2,
-        "rate_500": 0.05,
-        "rate_503": 0.05,
-        "rate_hang": 0.01,
-        "hang_s": 90,
-        "rate_malformed": 0.02,
-        "rate_unparsable": 0.03,
-        "rpm_per_key": 1200,
-        "rpm_burst": 5,
-    }
-    data = {
-        "task": {"prompt": {"template": "Classify: {input}"}, "labels": ["0", "1"]},
-        "teacher": {"simulator": sim_cfg},
-        "data": {"logs": [{"path": "x.jsonl"}]},
-    }
-    spec = spec_from_config(load_config(data=data))
-    for key, value in sim_cfg.items():
-        if key not in ("enabled",):
-            assert getattr(spec, key) == value, key
-    data["teacher"]["simulator"] = {"enabled": True, "rate_429": 0.7, "rate_unparsable": 0.7}
+def test_fault_settings_are_checked_by_the_config_with_their_paths():
     with pytest.raises(ConfigError, match="teacher.simulator: .*sum to at most 1"):
-        load_config(data=data)
-    data["teacher"]["simulator"] = {"enabled": True, "rpm_per_key": -5, "latency_dist": "pareto"}
+        config(rate_429=0.7, rate_unparsable=0.7)
     with pytest.raises(ConfigError) as exc:
-        load_config(data=data)
-    assert any(p.startswith("teacher.simulator.rpm_per_key:") for p in exc.value.problems)
-    assert any(p.startswith("teacher.simulator.latency_dist:") for p in exc.value.problems)
+        config(rpm_per_key=-5, latency_dist="pareto", rate_hang=-0.1)
+    problems = exc.value.problems
+    for field in ("rpm_per_key", "latency_dist", "rate_hang"):
+        assert any(p.startswith(f"teacher.simulator.{field}:") for p in problems), problems
+
+
+def test_answers_stop_at_max_tokens_and_usage_counts_chat_framing():
+    sim = make(rule="quickstart", seeds=True)
+    tmpl = SeedsSection(path="s.jsonl").template
+    messages = [{"role": "user", "content": tmpl.format(task="t", examples="- a", n=20)}]
+    status, full = sim.answer({"messages": messages, "seed": 1})
+    assert status == 200 and full["choices"][0]["finish_reason"] == "stop"
+    assert full["usage"]["completion_tokens"] > 10
+    _, cut = sim.answer({"messages": messages, "seed": 1, "max_tokens": 10, "n": 2})
+    assert [c["finish_reason"] for c in cut["choices"]] == ["length", "length"]
+    assert cut["usage"]["completion_tokens"] == 20  # 10 per sample
+    assert cut["choices"][0]["message"]["content"] == full["choices"][0]["message"]["content"][:40]
+    assert (
+        cut["usage"]["prompt_tokens"]
+        == count_prompt_tokens(messages)
+        == 3 + 3 + math.ceil(len(messages[0]["content"]) / 4)
+    )
+    assert sim.answer({"messages": messages, "max_tokens": 0})[0] == 400
+
+
+def test_the_cache_identity_changes_with_every_setting_that_changes_answers(tmp_path):
+    base = simulator_identity(config(rule="quickstart"))
+    assert base.startswith("simulator:")
+    # Where and when it answers does not change what it says: same identity.
+    for timing in ({"port": 9999}, {"latency_ms": 50, "latency_dist": "normal"}):
+        assert simulator_identity(config(rule="quickstart", **timing)) == base
+    changed = [
+        {"rule": None},
+        {"error_rate": 0.2},
+        {"seed": 1},
+        {"rate_unparsable": 0.1},
+        {"rate_500": 0.1},
+    ]
+    ids = {simulator_identity(config(**{"rule": "quickstart", **c})) for c in changed}
+    assert len(ids) == len(changed) and base not in ids
+    task = {**synthetic.TASK, "label_key": "is_toxic"}
+    assert simulator_identity(config(task=task, rule="quickstart")) != base
+    # The replay table's content, not only its name.
+    table = tmp_path / "replay.csv"
+    table.write_text("comment_text,simple_prompt\na,{'toxic': 1}\n")
+    first = simulator_identity(config(replay=[{"path": str(table)}]))
+    table.write_text("comment_text,simple_prompt\na,{'toxic': 0}\n")
+    assert simulator_identity(config(replay=[{"path": str(table)}])) != first

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 from ray_pipeline.data import synthetic
-from ray_pipeline.teacher.prompts import Prompt
+from ray_pipeline.data.prompts import Prompt
 
 
 def test_committed_quickstart_data_matches_the_generator(root, tmp_path):

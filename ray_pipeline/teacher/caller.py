@@ -1,26 +1,24 @@
-"""Row components of the generate stage: teacher calls, answer parsing, seed expansion.
+"""Asking the teacher about rows: the main teacher and its voters, cache, quota, retries.
 
-Plain Python over lists of row dicts (unit-tested without Ray); ``stage.py`` wires them into
-Ray Data.
+``TeacherCaller`` is plain Python over lists of row dicts (tested without Ray, against the
+simulator over HTTP); ``session.TeacherSession`` runs it as a Ray Data actor pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
-import random
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from ray_pipeline.config import SeedsSection, TaskSection, TeacherSection
-from ray_pipeline.data.schema import FAILED, OK, dumps, new_row, row_id, to_table
+from ray_pipeline.config import TeacherSection
+from ray_pipeline.data.prompts import Prompt
+from ray_pipeline.data.schema import FAILED, OK, dumps, to_table
 from ray_pipeline.teacher.cache import ResponseCache, cache_key
-from ray_pipeline.teacher.client import TeacherCallError, TeacherClient, TeacherReply
-from ray_pipeline.teacher.parse import parse_answer, parse_list
-from ray_pipeline.teacher.prompts import Prompt
+from ray_pipeline.teacher.client import TeacherCallError, TeacherClient, TeacherReply, estimate
 from ray_pipeline.teacher.quota import BudgetExhausted, LeaseGate
 
 
@@ -29,11 +27,22 @@ def needs_teacher(row: dict[str, Any]) -> bool:
 
 
 @dataclass(frozen=True)
+class TeacherEndpoint:
+    """The teacher a run calls, resolved: the simulator started for it, or the configured API."""
+
+    base_url: str
+    api_key: str  # never logged or written
+    # What the response cache and the rate limit know the endpoint by: its base URL, or for
+    # the simulator a hash of the settings that change its answers (not its random port).
+    identity: str
+
+
+@dataclass(frozen=True)
 class AskSpec:
     """One teacher asked about every row: the main teacher or a voter."""
 
     name: str  # "main" or the voter's name
-    endpoint: str  # identity for the cache and the rate limit: base URL, or "simulator"
+    endpoint: str  # identity for the cache and the rate limit (TeacherEndpoint.identity)
     base_url: str
     api_key: str
     model: str
@@ -44,15 +53,12 @@ class AskSpec:
 
 def ask_specs(
     cfg: TeacherSection,
-    base_url: str,
-    api_key: str,
-    simulator: bool,
+    endpoint: TeacherEndpoint,
     params: dict[str, Any] | None = None,
     voters: bool = True,
 ) -> list[AskSpec]:
     """The main teacher and its voters, resolved against the running endpoint. Voters on
     another endpoint read their key from their own environment variable."""
-    import os
 
     def price(model: str) -> tuple[float, float] | None:
         p = cfg.prices.get(model)
@@ -64,13 +70,22 @@ def ask_specs(
         "n": cfg.n,
         **(params or {}),
     }
-    ident = f"simulator:{cfg.simulator.seed}" if simulator else base_url
+    base_url, ident = endpoint.base_url, endpoint.identity
     specs = [
-        AskSpec("main", ident, base_url, api_key, cfg.model, main_params, None, price(cfg.model))
+        AskSpec(
+            "main",
+            ident,
+            base_url,
+            endpoint.api_key,
+            cfg.model,
+            main_params,
+            None,
+            price(cfg.model),
+        )
     ]
     for v in cfg.voters if voters else []:
         own = v.base_url is not None and v.base_url != base_url
-        key = api_key
+        key = endpoint.api_key
         if own or v.api_key_env:
             env = v.api_key_env or cfg.api_key_env
             key = os.environ.get(env, "")
@@ -90,7 +105,7 @@ def ask_specs(
         specs.append(
             AskSpec(
                 v.name,
-                v.base_url if own else ident,
+                v.base_url.rstrip("/") if own else ident,
                 v.base_url if own else base_url,
                 key,
                 model,
@@ -153,26 +168,13 @@ class TeacherCaller:
             )
         return self._clients[key]
 
-    def _gate(self, spec: AskSpec, messages: list[dict[str, Any]]) -> LeaseGate | None:
+    def _gate(self, endpoint: str) -> LeaseGate | None:
         if self.quota is None:
             return None
-        if spec.endpoint not in self._gates:
-            n = spec.params.get("n", 1)
-            # Estimated tokens of one request, for TPM and the budget: the prompt (~3
-            # characters a token, on the safe side) and the longest answer allowed.
-            prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 3 + 1
-            est_tokens = prompt_tokens + spec.params.get("max_tokens", 256) * n
-            est_cost = 0.0
-            if spec.price is not None:
-                est_cost = (
-                    prompt_tokens * spec.price[0]
-                    + spec.params.get("max_tokens", 256) * n * spec.price[1]
-                ) / 1e6
+        if endpoint not in self._gates:
             lease = min(self.cfg.rate_limit.lease_size, self.cfg.per_actor_concurrency)
-            self._gates[spec.endpoint] = LeaseGate(
-                self.quota, spec.endpoint, lease, est_tokens, est_cost
-            )
-        return self._gates[spec.endpoint]
+            self._gates[endpoint] = LeaseGate(self.quota, endpoint, lease)
+        return self._gates[endpoint]
 
     async def _ask(
         self, spec: AskSpec, row: dict[str, Any], messages: list[dict[str, Any]]
@@ -194,7 +196,11 @@ class TeacherCaller:
                 reply = TeacherReply(**hit)
                 reply.cached, reply.cost = True, 0.0  # no money spent this time
                 return Answer(spec, reply)
-        gate = self._gate(spec, messages)
+        gate = self._gate(spec.endpoint)
+        if gate is not None:
+            # This request's own bound: its messages, max_tokens and samples, at its price.
+            est = estimate(messages, params["max_tokens"], params.get("n", 1), spec.price)
+            gate = gate.bind(est)
         async with self._sem:
             try:
                 reply = await self._client(spec).complete(messages, gate, **params)
@@ -210,11 +216,18 @@ class TeacherCaller:
         messages = json.loads(row["messages"])
         answers = await asyncio.gather(*(self._ask(spec, row, messages) for spec in self.specs))
         main = answers[0]
-        gate = self._gate(main.spec, messages)  # progress goes through it
+        # What this run paid for the row: every teacher and sample answered by a call (main,
+        # voters, also when the main request failed); answers from the cache cost nothing.
+        paid = [a.reply for a in answers if a.reply is not None and not a.reply.cached]
+        row.update(
+            prompt_tokens=sum(r.prompt_tokens for r in paid),
+            completion_tokens=sum(r.completion_tokens for r in paid),
+            cost=sum(r.cost for r in paid),
+        )
         counts = {
             "rows_done": 1,
             "cache_hits": sum(1 for a in answers if a.reply and a.reply.cached),
-            "calls": sum(1 for a in answers if a.reply and not a.reply.cached),
+            "calls": len(paid),
         }
         if main.reply is None:
             counts["errors"] = 1
@@ -239,15 +252,13 @@ class TeacherCaller:
             row.update(
                 response=r.texts[0],
                 teacher=r.model,
-                prompt_tokens=sum(a.reply.prompt_tokens for a in answers if a.reply),
-                completion_tokens=sum(a.reply.completion_tokens for a in answers if a.reply),
-                cost=sum(a.reply.cost for a in answers if a.reply),
                 latency_s=r.latency_s,
                 attempts=r.attempts,
                 cached=r.cached,
             )
         if len(answers) > 1 or main.spec.params.get("n", 1) > 1:
             row["votes"] = dumps(votes_of(answers))
+        gate = self._gate(main.spec.endpoint)  # progress goes through the main gate
         if gate is not None:
             gate.count(**counts)
 
@@ -293,99 +304,3 @@ def votes_of(answers: list[Answer]) -> list[dict[str, Any]]:
         for i, text in enumerate(a.reply.texts):
             out.append({"teacher": a.spec.name, "sample": i, "response": text})
     return out
-
-
-def parse_rows(rows: list[dict[str, Any]], task: TaskSection) -> list[dict[str, Any]]:
-    """Parse each answered row's response into ``output`` and ``label``. An answer with no
-    structured value in it fails the row; a parsed answer without a valid label keeps
-    ``label`` empty for curation to filter with its reason."""
-    for row in rows:
-        if row["status"] != OK or row["response"] is None or row["output"] is not None:
-            continue
-        if row["votes"] is not None:
-            votes = json.loads(row["votes"])
-            for v in votes:
-                if v.get("response") is not None:
-                    v["label"] = parse_answer(
-                        v["response"], task.label_key, task.labels, task.label_aliases
-                    ).label
-            row["votes"] = dumps(votes)
-        parsed = parse_answer(row["response"], task.label_key, task.labels, task.label_aliases)
-        if parsed.output is None:
-            row.update(status=FAILED, reason=parsed.error)
-            continue
-        row.update(output=dumps(parsed.output), label=parsed.label)
-    return rows
-
-
-def expansion_rows(
-    seeds: list[str], sc: SeedsSection, task: TaskSection, seed: int
-) -> list[dict[str, Any]]:
-    """The requests that expand the seeds into ``sc.n_new`` new inputs: each shows a
-    different random subset of the seeds, in a different order (diversity)."""
-    if not seeds:
-        raise ValueError(f"{sc.path}: no seed examples")
-    rows = []
-    for i in range(math.ceil(sc.n_new / sc.per_request)):
-        rng = random.Random(f"{seed}:{i}")
-        examples = rng.sample(seeds, min(sc.examples_per_request, len(seeds)))
-        n = min(sc.per_request, sc.n_new - i * sc.per_request)
-        # Topics and personas rotate (not sampled): every one is used evenly.
-        slots = {
-            "task": task.name,
-            "examples": "\n".join(f"- {e}" for e in examples),
-            "n": n,
-            "topic": sc.topics[i % len(sc.topics)] if sc.topics else "",
-            "persona": sc.personas[i % len(sc.personas)] if sc.personas else "",
-        }
-        prompt = sc.template.format(**slots)
-        rows.append(
-            new_row(
-                id=row_id(f"seeds:{sc.path}", f"expansion:{seed}:{i}"),
-                source=f"seeds:{sc.path}",
-                source_line=i,
-                messages=dumps([{"role": "user", "content": prompt}]),
-            )
-        )
-    return rows
-
-
-def synthetic_input_rows(
-    answered: list[dict[str, Any]], seeds: list[str], sc: SeedsSection, prompt: Prompt
-) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """New input rows from answered expansion requests, deduplicated (case and whitespace
-    insensitive) against the seeds and each other, at most ``sc.n_new``; plus counts."""
-    seen = {" ".join(s.lower().split()) for s in seeds}
-    out: list[dict[str, Any]] = []
-    counts = {
-        "requests": len(answered),
-        "failed_requests": 0,
-        "generated": 0,
-        "duplicates": 0,
-        "kept": 0,
-    }
-    source = f"seeds:{sc.path}"
-    for row in answered:
-        if row["status"] != OK:
-            counts["failed_requests"] += 1
-            continue
-        for text in parse_list(row["response"]):
-            counts["generated"] += 1
-            key = " ".join(text.lower().split())
-            if key in seen:
-                counts["duplicates"] += 1
-                continue
-            seen.add(key)
-            if len(out) < sc.n_new:
-                out.append(
-                    new_row(
-                        id=row_id(source, text),
-                        source=source,
-                        source_line=len(out),
-                        input=text,
-                        messages=dumps(prompt.messages(text)),
-                        prompt_hash=prompt.hash,
-                    )
-                )
-    counts["kept"] = len(out)
-    return out, counts

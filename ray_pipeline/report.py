@@ -1,41 +1,13 @@
-"""The run report: runs/<id>/report.json (one key per stage) and a readable report.md."""
+"""The readable report: report.md rendered from report.json (one section per stage).
+
+A pure function of the report's data, below every stage: the run state re-renders it each time
+a stage writes its section.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
-
-from ray_pipeline.runtime import Run
-
-STAGES = ("generate", "curate", "train", "sweep", "evaluate", "serve")
-
-
-def load_report(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "report.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def update_report(run: Run, stage: str, section: dict[str, Any]) -> dict[str, Any]:
-    """Set one stage's section, rewrite report.json and report.md; return the whole report."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
-    report = load_report(run.dir)
-    report["run_id"] = run.run_id
-    report[stage] = section
-    (run.dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (run.dir / "report.md").write_text(render_markdown(report))
-    return report
-
-
-def require(report: dict[str, Any], stage: str, run_dir: Path) -> dict[str, Any]:
-    """A previous stage's section, or an error that says which command produces it."""
-    if stage not in report:
-        raise RuntimeError(
-            f"{run_dir}: no '{stage}' results in report.json; run `distill {stage}` for this "
-            f"run first (or `distill run` for the whole loop)"
-        )
-    return report[stage]
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

@@ -1,0 +1,188 @@
+"""The run state under every stage: the run folder, each stage's output paths, the report.
+
+A run is a folder, ``<run.output_dir>/<run_id>/``. Stages find what an earlier stage wrote
+here (``run.paths``, ``run.require(stage)``), never through that stage's module, so the
+arrows between stages point one way: generate -> curate -> train -> sweep -> evaluate -> serve.
+
+``report.json`` has one section per stage, written as soon as the stage ends; ``report.md`` is
+re-rendered from it each time (``ray_pipeline.report``). A section present means the stage
+finished: a later stage that needs it gets a message naming the command that produces it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ray_pipeline.config import DistillConfig, dump_config
+from ray_pipeline.report import render_markdown
+
+STAGES = ("generate", "curate", "train", "sweep", "evaluate", "serve")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each stage writes; the one place that names these paths."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    # generate: one Parquet row per input record, and the unreadable records aside
+    @property
+    def generate(self) -> Path:
+        return self.root / "generate"
+
+    @property
+    def generated_rows(self) -> Path:
+        return self.generate / "rows"
+
+    @property
+    def malformed(self) -> Path:
+        return self.generate / "malformed.jsonl"
+
+    # curate: the training set, every row left out with its reason, the manifest
+    @property
+    def dataset(self) -> Path:
+        return self.root / "dataset"
+
+    @property
+    def dataset_train(self) -> Path:
+        return self.dataset / "train"
+
+    @property
+    def dataset_rejected(self) -> Path:
+        return self.dataset / "rejected"
+
+    @property
+    def dataset_manifest(self) -> Path:
+        return self.dataset / "manifest.json"
+
+    # train: Ray Train's run folder, holding the student checkpoint
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / "sweep"
+
+    @property
+    def evaluate(self) -> Path:
+        return self.root / "evaluate"
+
+    @property
+    def serve(self) -> Path:
+        return self.root / "serve"
+
+    @property
+    def request_log(self) -> Path:
+        return self.serve / "requests.jsonl"
+
+
+@dataclass
+class Run:
+    """One run: its config, id and folder; the report sections of the stages done so far."""
+
+    cfg: DistillConfig
+    run_id: str
+    dir: Path
+    # The run's teacher quota actor (budget, rate limits, progress), shared by the stages of
+    # this invocation; created by the first stage that calls the teacher.
+    quota: Any = None
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        """The stage's output folder (created)."""
+        path = getattr(self.paths, stage)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------------------- report
+    def report(self) -> dict[str, Any]:
+        return load_report(self.dir)
+
+    def require(self, stage: str) -> dict[str, Any]:
+        """An earlier stage's report section, or an error naming the command that makes it."""
+        section = self.report().get(stage)
+        if section is None:
+            raise RuntimeError(
+                f"{self.dir}: the {stage} stage has not finished in this run (no '{stage}' "
+                f"section in report.json); run `distill {stage}` for it first, or "
+                f"`distill run` for the whole loop"
+            )
+        return section
+
+    def write_section(self, stage: str, section: dict[str, Any]) -> dict[str, Any]:
+        """Set one stage's section; rewrite report.json and report.md; return the report."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        report = self.report()
+        report["run_id"] = self.run_id
+        report[stage] = section
+        _write_atomic(self.paths.report_json, json.dumps(report, indent=2, default=str))
+        _write_atomic(self.paths.report_md, render_markdown(report))
+        return report
+
+    def student_checkpoint(self) -> tuple[str, str]:
+        """(checkpoint, where it came from): the sweep's best trial when a sweep ran, else
+        the train stage's."""
+        report = self.report()
+        best = (report.get("sweep") or {}).get("best") or {}
+        if best.get("checkpoint"):
+            return best["checkpoint"], "sweep.best"
+        return self.require("train")["checkpoint"], "train"
+
+
+def load_report(run_dir: str | Path) -> dict[str, Any]:
+    path = RunPaths(Path(run_dir)).report_json
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A reader (or a crash) never sees half a report.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def open_run(cfg: DistillConfig, run_id: str | None = None) -> Run:
+    """Create (or re-open) <output_dir>/<run_id>/ and write the resolved config into it."""
+    run_id = run_id or cfg.run.run_id or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (Path(cfg.run.output_dir) / run_id).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg=cfg, run_id=run_id, dir=run_dir)
+    run.paths.config.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    return run
+
+
+def latest_run_id(cfg: DistillConfig) -> str | None:
+    """The config's fixed run.run_id when its folder exists, else the newest run folder of
+    this config's run name, if any."""
+    root = Path(cfg.run.output_dir)
+    if cfg.run.run_id is not None:
+        return cfg.run.run_id if (root / cfg.run.run_id).is_dir() else None
+    if not root.exists():
+        return None
+    runs = sorted(
+        (p for p in root.glob(f"{cfg.run.name}-*") if p.is_dir()), key=lambda p: p.stat().st_mtime
+    )
+    return runs[-1].name if runs else None
