@@ -61,10 +61,11 @@ class Estimate:
 
 @dataclass
 class Lease:
-    delays: list[float]  # seconds from now at which each granted request may start
+    delays: list[float]  # seconds from now at which each granted start slot may be used
+    units: int = 0  # budget reservations granted, each of the estimate asked for
     stop: str | None = None  # the budget is spent: no more leases
     paused_for: float = 0.0  # pool-wide pause in force, seconds from now
-    tight: bool = False  # fewer granted than asked: the budget is nearly spent
+    tight: bool = False  # fewer reservations granted than asked: the budget is nearly spent
 
 
 @dataclass
@@ -112,29 +113,41 @@ class Quota:
         self.storms = 0
 
     # -------------------------------------------------------------------------- leases
-    def lease(self, endpoint: str, k: int, est_tokens: int, est_pico: int) -> Lease:
-        """Grant up to `k` request starts on `endpoint`, each reserving `est_tokens` and
-        `est_pico` (pico-dollars) of the budget and counting `est_tokens` against TPM.
+    def lease(
+        self, endpoint: str, slots: int, units: int, est_tokens: int, est_pico: int
+    ) -> Lease:
+        """Grant up to `slots` request start times on `endpoint` (each counting `est_tokens`
+        against TPM) and up to `units` budget reservations of `est_tokens` and `est_pico`
+        (pico-dollars) each.
 
-        Fewer than `k` (maybe none) while the budget left is held by requests in flight;
-        none, with ``stop`` set, once the budget is spent with nothing left in flight."""
+        Fewer reservations than asked (maybe none, and then no start times either) while the
+        budget left is held by requests in flight; none, with ``stop`` set, once the budget
+        is spent with nothing left in flight."""
         now = self.clock()
         ep = self.endpoints[endpoint]
-        granted = self._budget_room(k, est_tokens, est_pico)
+        granted = self._budget_room(units, est_tokens, est_pico)
         self.reserved_tokens += granted * est_tokens
         self.reserved_pico += granted * est_pico
+        if units and not granted:
+            slots = 0  # no budget for the request: do not spend the rate on it
         interval = self._interval(ep, est_tokens)
         start = max(now, ep.paused_until)
         # GCRA: `next_free` is the theoretical arrival time of the next request; a request
         # may go up to `tolerance` before it (the burst), and pushes it on by one interval.
         tolerance = max(0.0, self.burst_s - interval)
         delays = []
-        for _ in range(granted):
+        for _ in range(slots):
             t = max(start, ep.next_free - tolerance)
             ep.next_free = max(ep.next_free, t) + interval
             delays.append(t - now)
         self.counters["leases"] += 1
-        return Lease(delays, self.budget_stop, max(0.0, ep.paused_until - now), tight=granted < k)
+        return Lease(
+            delays,
+            granted,
+            self.budget_stop,
+            max(0.0, ep.paused_until - now),
+            tight=granted < units,
+        )
 
     def _interval(self, ep: EndpointSchedule, est_tokens: int) -> float:
         rates = []  # seconds per request implied by each limit
@@ -147,7 +160,7 @@ class Quota:
         return max(rates, default=0.0)
 
     def _budget_room(self, k: int, est_tokens: int, est_pico: int) -> int:
-        if self.budget_stop:
+        if self.budget_stop or not k:
             return 0
         room, limit = k, None
         if self.max_pico is not None and est_pico > 0:
@@ -308,18 +321,23 @@ class LeaseGate:
                 if self._stop:
                     raise BudgetExhausted(self._stop)
                 await self._flush()
-                # Short of budget but not of slots: ask for this one request only.
-                k = self.lease_size if not self._slots else 1
-                lease: Lease = await self._call("lease", self.endpoint, k, est.tokens, pico)
+                # Start slots and budget run out at their own pace (requests differ in size):
+                # each is leased `lease_size` at a time, the budget in units of this request.
+                slots = 0 if self._slots else self.lease_size
+                short = self._spare_tokens < est.tokens or self._spare_pico < pico
+                units = self.lease_size if short else 0
+                lease: Lease = await self._call(
+                    "lease", self.endpoint, slots, units, est.tokens, pico
+                )
                 now = time.monotonic()
                 self._paused_until = max(self._paused_until, now + lease.paused_for)
                 # Already after the pause.
                 self._slots.extend((now + d, est.tokens) for d in lease.delays)
-                self._spare_tokens += len(lease.delays) * est.tokens
-                self._spare_pico += len(lease.delays) * pico
+                self._spare_tokens += lease.units * est.tokens
+                self._spare_pico += lease.units * pico
                 self._stop = lease.stop
                 self._tight = lease.tight
-                if not lease.delays and not lease.stop:
+                if units and not lease.units and not lease.stop:
                     # What is left of the budget is reserved by requests in flight, or is this
                     # gate's spare, too small for this request: give the spare back, wait for
                     # the requests to settle (with their real, usually lower, cost), ask again.
