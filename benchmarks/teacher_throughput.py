@@ -109,6 +109,11 @@ def stage_run(url: str, logs: Path, out: Path, run_id: str, teacher: dict) -> di
         "rows_per_s": ok / m["busy_s"] if m["busy_s"] else None,
         "stage_s": gen["seconds"],
         "fixed_overhead_s": round(gen["seconds"] - m["busy_s"], 2) if m["busy_s"] else None,
+        # Where the fixed cost goes: before the first request, after the last answer.
+        "before_first_request_s": m["first_request_after_s"],
+        "after_last_answer_s": round(wall - m["last_reply_after_s"], 2)
+        if m["last_reply_after_s"] is not None
+        else None,
         "wall_s": round(wall, 2),
         "cache_hits": gen["cache_hits"],
     }

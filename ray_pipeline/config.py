@@ -277,7 +277,13 @@ class TeacherSection(Section):
     per_actor_concurrency: int = Field(
         16, gt=0, description="In-flight requests per actor (asyncio, one event loop)."
     )
-    batch_size: int = Field(32, gt=0, description="Rows per Ray Data batch sent to an actor.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Rows per Ray Data batch sent to an actor. Rows reach the pool in blocks "
+        "of 4 batches (logs are read in blocks of that size): every actor gets work at once, "
+        "and a read task holds one block in memory whatever the size of the file.",
+    )
     num_cpus_per_actor: float = Field(
         0.25, gt=0, description="CPUs reserved per actor (the work is mostly waiting on I/O)."
     )
@@ -370,12 +376,6 @@ class SeedsSection(Section):
 class DataSection(Section):
     logs: list[LogSource] = Field(default_factory=list, description="Production logs to read.")
     seeds: SeedsSection | None = Field(None, description="Seed examples the teacher expands.")
-    block_rows: int = Field(
-        4096,
-        gt=0,
-        description="Rows per block when reading a log: a read task holds one block in "
-        "memory, whatever the size of the file.",
-    )
 
     @model_validator(mode="after")
     def _some_input(self) -> DataSection:

@@ -66,28 +66,32 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
     checkpoint, checkpoint_from = run.student_checkpoint()
     baseline = majority_label(run.require("curate")["labels"])
     out = run.stage_dir("evaluate")
-    tests = ray.data.from_arrow(to_table(test_set_rows(cfg)))  # read by student and teacher
+    tests = to_table(test_set_rows(cfg))  # read once, for the student and the teacher
 
-    student_rows = tests.map_batches(
-        StudentPredictor,
-        fn_constructor_kwargs={
-            "checkpoint": checkpoint,
-            "task": cfg.task,
-            "max_new_tokens": cfg.evaluate.max_new_tokens,
-        },
-        batch_format="pyarrow",
-        batch_size=cfg.evaluate.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=1,
-        num_gpus=1 if cfg.train.use_gpu else 0,
-    ).take_all()
+    student_rows = (
+        ray.data.from_arrow(tests)
+        .map_batches(
+            StudentPredictor,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "task": cfg.task,
+                "max_new_tokens": cfg.evaluate.max_new_tokens,
+            },
+            batch_format="pyarrow",
+            batch_size=cfg.evaluate.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=1,
+            num_gpus=1 if cfg.train.use_gpu else 0,
+        )
+        .take_all()
+    )
     teacher_rows: list[dict[str, Any]] = []
     if cfg.evaluate.teacher:
         if endpoint is None:
             raise ValueError("evaluate.teacher is true but no teacher endpoint was given")
+        session = TeacherSession(run, endpoint)
         teacher_rows = (
-            TeacherSession(run, endpoint)
-            .pool(tests, params={"n": 1}, voters=False)
+            session.pool(session.dataset(tests), params={"n": 1}, voters=False)
             .map_batches(parse_batch, fn_kwargs={"task": cfg.task}, batch_format="pyarrow")
             .take_all()
         )

@@ -99,15 +99,13 @@ def synthetic_input_rows(
 
 def expand_seeds(run: Run, session: TeacherSession) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """New input rows from the seed examples, and the counts of the expansion."""
-    import ray
-
     sc = run.cfg.data.seeds
     seeds = [r[sc.input_field] for r in read_texts(sc.path, sc.input_field)]
     requests = expansion_rows(seeds, sc, run.cfg.task, run.cfg.run.seed)
     if not requests:
         return [], {"requests": 0}
     answered = session.pool(
-        ray.data.from_arrow(to_table(requests)),
+        session.dataset(to_table(requests)),
         params={"temperature": sc.temperature, "max_tokens": sc.max_tokens, "n": 1},
         voters=False,
     ).take_all()

@@ -80,8 +80,11 @@ def read_logs(run: Run) -> Any:
             raise FileNotFoundError(f"data.logs.{i}.path: {src.path} is not a file")
     if not logs:
         return None
-    source = log_datasource(logs, run.cfg.task, run.cfg.data.block_rows)
-    return ray.data.read_datasource(source, override_num_blocks=len(logs))
+    # Blocks the size the teacher pool takes: no repartition step between reading and asking.
+    block_rows = 4 * run.cfg.teacher.batch_size
+    source = log_datasource(logs, run.cfg.task, block_rows)
+    # Reading is light next to the teacher actors starting beside it: a quarter of a CPU.
+    return ray.data.read_datasource(source, override_num_blocks=len(logs), num_cpus=0.25)
 
 
 def _reset_for_retry(batch: pa.Table) -> pa.Table:
@@ -114,8 +117,10 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
     with session.progress():
         if retry_failed:
             previous = run.require("generate")
-            ds = ray.data.read_parquet(str(rows_dir)).map_batches(
-                _reset_for_retry, batch_format="pyarrow"
+            ds = (
+                ray.data.read_parquet(str(rows_dir))
+                .map_batches(_reset_for_retry, batch_format="pyarrow")
+                .repartition(target_num_rows_per_block=session.block_rows)
             )
             synthetic = previous.get("synthetic", {})
         else:
@@ -123,7 +128,7 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
             if run.cfg.data.seeds is not None:
                 rows, synthetic = expand_seeds(run, session)
                 if rows:
-                    new = ray.data.from_arrow(to_table(rows))
+                    new = session.dataset(to_table(rows))
                     ds = new if ds is None else ds.union(new)
         ds = session.pool(ds)
         ds = ds.map_batches(parse_batch, fn_kwargs={"task": run.cfg.task}, batch_format="pyarrow")

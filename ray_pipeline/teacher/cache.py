@@ -33,6 +33,7 @@ class ResponseCache:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._made: set[Path] = set()  # subdirectories known to exist: no mkdir per answer
 
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / key[2:4] / f"{key}.json"
@@ -46,7 +47,9 @@ class ResponseCache:
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(json.dumps(value, ensure_ascii=False).encode())
         os.replace(tmp, path)  # atomic: a reader sees the whole entry or none

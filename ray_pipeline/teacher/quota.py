@@ -114,15 +114,24 @@ class Quota:
 
     # -------------------------------------------------------------------------- leases
     def lease(
-        self, endpoint: str, slots: int, units: int, est_tokens: int, est_pico: int
+        self,
+        endpoint: str,
+        slots: int,
+        units: int,
+        est_tokens: int,
+        est_pico: int,
+        settlement: tuple | None = None,
     ) -> Lease:
         """Grant up to `slots` request start times on `endpoint` (each counting `est_tokens`
         against TPM) and up to `units` budget reservations of `est_tokens` and `est_pico`
-        (pico-dollars) each.
+        (pico-dollars) each; `settlement`: ``settle``'s arguments, applied first (one round
+        trip for both).
 
         Fewer reservations than asked (maybe none, and then no start times either) while the
         budget left is held by requests in flight; none, with ``stop`` set, once the budget
         is spent with nothing left in flight."""
+        if settlement is not None:
+            self.settle(endpoint, *settlement)
         now = self.clock()
         ep = self.endpoints[endpoint]
         granted = self._budget_room(units, est_tokens, est_pico)
@@ -193,10 +202,12 @@ class Quota:
         pico: int,
         counters: dict[str, int] | None = None,
         rate_tokens: int = 0,
-    ) -> None:
+        ok: int = 0,
+    ) -> float:
         """Give back reservations (`reserved_*`), add what was really used (`tokens`, `pico`
-        pico-dollars) and progress counters. `rate_tokens`: tokens sent beyond what the TPM schedule
-        counted for their slots; they push the endpoint's timeline on."""
+        pico-dollars) and progress counters. `rate_tokens`: tokens sent beyond what the TPM
+        schedule counted for their slots; they push the endpoint's timeline on. `ok`: answers
+        that were no 429 (``outcomes``). Returns the pause in force on the endpoint."""
         self.reserved_tokens = max(0, self.reserved_tokens - reserved_tokens)
         self.reserved_pico = max(0, self.reserved_pico - reserved_pico)
         self.spent_tokens += tokens
@@ -206,6 +217,9 @@ class Quota:
         ep = self.endpoints[endpoint]
         if rate_tokens and ep.tpm:
             ep.next_free += 60.0 * rate_tokens / ep.tpm
+        if ok:
+            return self.outcomes(endpoint, ok, 0, None)
+        return max(0.0, ep.paused_until - self.clock())
 
     # ------------------------------------------------------------------ 429s and storms
     def outcomes(
@@ -320,14 +334,14 @@ class LeaseGate:
             while not self._covered(est.tokens, pico):
                 if self._stop:
                     raise BudgetExhausted(self._stop)
-                await self._flush()
                 # Start slots and budget run out at their own pace (requests differ in size):
                 # each is leased `lease_size` at a time, the budget in units of this request.
+                # What is pending is settled in the same round trip.
                 slots = 0 if self._slots else self.lease_size
                 short = self._spare_tokens < est.tokens or self._spare_pico < pico
                 units = self.lease_size if short else 0
                 lease: Lease = await self._call(
-                    "lease", self.endpoint, slots, units, est.tokens, pico
+                    "lease", self.endpoint, slots, units, est.tokens, pico, self._take_pending()
                 )
                 now = time.monotonic()
                 self._paused_until = max(self._paused_until, now + lease.paused_for)
@@ -396,11 +410,8 @@ class LeaseGate:
     def count(self, **counters: int) -> None:
         self._counters.update(counters)
 
-    async def _flush(self) -> None:
-        # Take the pending numbers before awaiting: other requests keep adding to them.
-        ok, self._ok = self._ok, 0
-        if ok:
-            self._pause(await self._call("outcomes", self.endpoint, ok, 0, None))
+    def _take_pending(self) -> tuple | None:
+        """``Quota.settle``'s arguments for what is pending (and zero it), or None."""
         pending = (
             self._back_tokens,
             self._back_pico,
@@ -408,11 +419,18 @@ class LeaseGate:
             self._pico,
             dict(self._counters),
             self._rate_tokens,
+            self._ok,
         )
-        self._back_tokens = self._back_pico = self._tokens = self._pico = self._rate_tokens = 0
+        self._back_tokens = self._back_pico = self._tokens = self._pico = 0
+        self._rate_tokens = self._ok = 0
         self._counters = Counter()
-        if any(pending):
-            await self._call("settle", self.endpoint, *pending)
+        return pending if any(pending) else None
+
+    async def _flush(self) -> None:
+        # Taken before awaiting: other requests keep adding to the pending numbers.
+        pending = self._take_pending()
+        if pending is not None:
+            self._pause(await self._call("settle", self.endpoint, *pending))
 
     async def flush(self) -> None:
         """Report what is pending; when the budget is nearly spent also give back the spare

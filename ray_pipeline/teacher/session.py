@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from ray_pipeline.run_state import Run
 from ray_pipeline.teacher.caller import TeacherCaller, TeacherEndpoint, ask_specs
 from ray_pipeline.teacher.quota import Quota
@@ -86,14 +88,28 @@ class TeacherSession:
             )
         self.quota = run.quota
 
+    @property
+    def block_rows(self) -> int:
+        """Rows per block of a dataset for the pool: a few batches, so that every actor gets
+        work at once (a block is one task of one actor)."""
+        return 4 * self.run.cfg.teacher.batch_size
+
+    def dataset(self, table: pa.Table):
+        """An in-memory table as a dataset in blocks of ``block_rows``: no repartition step
+        (a task of its own, on the CPUs the actors are starting on)."""
+        import ray
+
+        n = self.block_rows
+        return ray.data.from_arrow([table.slice(i, n) for i in range(0, table.num_rows, n)])
+
     def pool(self, ds, params: dict[str, Any] | None = None, voters: bool = True):
-        """`ds` with every row that needs one answered by the teacher, through an actor pool."""
+        """`ds` (in blocks of at most ``block_rows``: see ``dataset``) with every row that
+        needs one answered by the teacher, through an actor pool."""
         import ray
 
         t = self.run.cfg.teacher
         specs = ask_specs(t, self.endpoint, params, voters)
-        # Blocks of a few batches: every actor of the pool gets work, even from one big file.
-        ds = ds.repartition(target_num_rows_per_block=4 * t.batch_size)
+        ds = ds.repartition(target_num_rows_per_block=self.block_rows)
         return ds.map_batches(
             TeacherCaller,
             fn_constructor_kwargs={

@@ -258,6 +258,13 @@ class Simulator:
             "busy_s": None
             if self.first_request_at is None or self.last_reply_at is None
             else round(self.last_reply_at - self.first_request_at, 4),
+            # Since the start (or the reset): when the first request came, the last answer left.
+            "first_request_after_s": None
+            if self.first_request_at is None
+            else round(self.first_request_at - self._since, 4),
+            "last_reply_after_s": None
+            if self.last_reply_at is None
+            else round(self.last_reply_at - self._since, 4),
         }
 
     # --------------------------------------------------------------- requests
