@@ -2,7 +2,8 @@
 
 The key is a hash of everything that determines an answer: the endpoint, the model, the
 messages, the sampling parameters and the response format. Each entry is one small JSON file
-(``<dir>/ab/cd/<key>.json``) written to a temporary name and renamed into place, so:
+(``<dir>/ab/<key>.json``: 256 folders, made once, not one new folder per answer) written to a
+temporary name and renamed into place, so:
 re-running a job makes no teacher call for what it already asked; a run killed mid-way loses
 only the requests that were in flight; several processes, and several nodes sharing the
 directory (NFS, a mounted bucket), can read and write it at once without locks.
@@ -36,7 +37,7 @@ class ResponseCache:
         self._made: set[Path] = set()  # subdirectories known to exist: no mkdir per answer
 
     def _path(self, key: str) -> Path:
-        return self.dir / key[:2] / key[2:4] / f"{key}.json"
+        return self.dir / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> dict[str, Any] | None:
         try:
@@ -55,4 +56,4 @@ class ResponseCache:
         os.replace(tmp, path)  # atomic: a reader sees the whole entry or none
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.dir.glob("*/*/*.json"))
+        return sum(1 for _ in self.dir.glob("*/*.json"))
