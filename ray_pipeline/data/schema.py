@@ -17,7 +17,6 @@ from typing import Any
 import pyarrow as pa
 
 OK, FILTERED, FAILED = "ok", "filtered", "failed"
-STATUSES = (OK, FILTERED, FAILED)
 
 ROW_SCHEMA = pa.schema(
     [

@@ -37,11 +37,14 @@ from ray_pipeline.teacher.session import TeacherSession
 log = logging.getLogger("distill.generate")
 
 RETRYABLE_REASONS = ("teacher_error", "budget_exhausted")
+# Ray Data's default block (128 MiB) made a worker hold ~1 GB while reading a 1 GB log
+# (benchmarks/log_read_memory.py); rows are small, 16 MiB blocks stream just as fast.
+LOG_BLOCK_BYTES = 16 * 2**20
 
 
 def log_datasource(sources: list[LogSource], task: TaskSection, block_rows: int) -> Any:
     """A Ray Data source of the log files: one read task per file, each streaming its file
-    as blocks of `block_rows` rows (``sources.log_blocks``)."""
+    in tables of `block_rows` rows (``sources.log_blocks``)."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -80,11 +83,17 @@ def read_logs(run: Run) -> Any:
             raise FileNotFoundError(f"data.logs.{i}.path: {src.path} is not a file")
     if not logs:
         return None
-    # Blocks the size the teacher pool takes: no repartition step between reading and asking.
-    block_rows = 4 * run.cfg.teacher.batch_size
-    source = log_datasource(logs, run.cfg.task, block_rows)
-    # Reading is light next to the teacher actors starting beside it: a quarter of a CPU.
-    return ray.data.read_datasource(source, override_num_blocks=len(logs), num_cpus=0.25)
+    # The read task hands rows over 1,024 at a time; Ray Data gathers them into blocks of at
+    # most LOG_BLOCK_BYTES: what a read task (and each later task) holds of a file at once.
+    source = log_datasource(logs, run.cfg.task, 1024)
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.target_max_block_size
+    ctx.target_max_block_size = min(previous or LOG_BLOCK_BYTES, LOG_BLOCK_BYTES)
+    try:  # a dataset keeps the context it was made under
+        # Reading is light next to the teacher actors starting beside it: a quarter of a CPU.
+        return ray.data.read_datasource(source, override_num_blocks=len(logs), num_cpus=0.25)
+    finally:
+        ctx.target_max_block_size = previous
 
 
 def _reset_for_retry(batch: pa.Table) -> pa.Table:

@@ -160,11 +160,6 @@ def encode_examples(
     return out
 
 
-def count_target_tokens(encoded: Sequence[dict[str, Any]]) -> int:
-    """Tokens the loss is computed on (answer + eos) over a set of encoded examples."""
-    return sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in encoded)
-
-
 def pad_batch(
     input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:
