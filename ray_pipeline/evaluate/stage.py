@@ -43,11 +43,12 @@ class StudentPredictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        answers = self.student.complete(
+        answers = self.student.answer(
             [json.loads(r["messages"]) for r in rows], max_new_tokens=self.max_new_tokens
         )
-        for row, answer in zip(rows, answers, strict=True):
-            row.update(response=answer, teacher="student")
+        for row, a in zip(rows, answers, strict=True):
+            scores = {"confidence": a.confidence, **({"probs": a.probs} if a.probs else {})}
+            row.update(response=a.text, teacher="student", scores=json.dumps(scores))
         return to_table(parse_rows(rows, self.task))
 
 

@@ -139,7 +139,7 @@ def run_sweep(run: Run) -> dict[str, Any]:
     from ray import tune
 
     from ray_pipeline.sweep.plots import plot_fraction_ablation
-    from ray_pipeline.train.stage import prepare
+    from ray_pipeline.train.stage import prepare, set_threshold
 
     started = time.perf_counter()
     sweep, train = run.cfg.sweep, run.cfg.train
@@ -190,6 +190,7 @@ def run_sweep(run: Run) -> dict[str, Any]:
         )
     trials.sort(key=lambda t: [t["config"][k] for k in t["config"]])
     best = pick_best(trials, sweep.metric)
+    best["threshold"] = set_threshold(best["checkpoint"], prepared.val_examples, run.cfg)
     section = {
         "trials": trials,
         "best": best,

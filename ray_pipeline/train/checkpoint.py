@@ -1,7 +1,9 @@
 """The student checkpoint: a plain, self-describing directory.
 
-    distill_checkpoint.json   what it is: base model, method, lineage (manifest + dataset hash),
-                              task label key and labels, the train config, final metrics
+    distill_checkpoint.json   what it is: kind (causal_lm | classifier), base model, method,
+                              lineage (manifest + dataset hash), task label key, labels and
+                              prompt, the train config, final metrics, and for a binary
+                              classifier its decision threshold
     tokenizer/                save_pretrained of the tokenizer it was trained with
     model/                    method 'full': the whole model (save_pretrained)
     adapter/                  method 'lora': the PEFT adapter (+ modules_to_save)
@@ -111,14 +113,24 @@ def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
 def load_model(checkpoint_dir: str | Path, meta: dict[str, Any], *, merge: bool = True) -> Any:
     """The checkpoint's model (on CPU, in the dtype it was saved in). LoRA adapters are merged
     into the base weights when `merge` (faster inference, same outputs up to rounding)."""
-    from transformers import AutoModelForCausalLM
+    from ray_pipeline.train.model import CAUSAL_LM, load_pretrained
 
     ckpt = Path(checkpoint_dir)
+    kind = meta.get("kind", CAUSAL_LM)
+    labels, pad_id = meta.get("labels"), meta.get("pad_id")
     if meta["method"] == "full":
-        return AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype="auto")
+        return load_pretrained(str(ckpt / "model"), "auto", kind, labels, pad_id)
     from peft import PeftModel
 
     base_source = ckpt / "base" if (ckpt / "base").is_dir() else meta["base_model"]
-    base = AutoModelForCausalLM.from_pretrained(base_source, dtype="auto")
+    # A classifier base gets a new head here; the trained one comes with the adapter.
+    base = load_pretrained(str(base_source), "auto", kind, labels, pad_id)
     model = PeftModel.from_pretrained(base, ckpt / "adapter")
     return model.merge_and_unload() if merge else model
+
+
+def update_meta(checkpoint_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Add fields to a checkpoint's distill_checkpoint.json (e.g. the chosen threshold)."""
+    meta = {**read_meta(checkpoint_dir), **fields}
+    (Path(checkpoint_dir) / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return meta

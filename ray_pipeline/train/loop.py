@@ -14,6 +14,7 @@ import importlib
 import logging
 import math
 import os
+import random
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ray_pipeline.config import TrainSection
-from ray_pipeline.train.data import IGNORE_INDEX, pad_batch
+from ray_pipeline.train.data import IGNORE_INDEX, length_grouped_batches, pad_batch
 
 log = logging.getLogger("distill.train")
 
@@ -40,12 +41,17 @@ class PadCollate(NumpyBatchCollateFn):
         return pad_batch(batch["input_ids"], batch["labels"], self.pad_id)
 
 
-def linear_lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up from 0 over `warmup_steps`, then linear decay to 0 at `total_steps`
-    (the schedule of transformers' get_linear_schedule_with_warmup)."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
+    """Linear warm-up from 0 over `warmup_steps`, then a cosine or linear decay to 0 at
+    `total_steps` (transformers' get_cosine_schedule_with_warmup / ..._linear_...)."""
     if step < warmup_steps:
         return step / max(1, warmup_steps)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"unknown schedule {schedule!r}: expected cosine or linear")
 
 
 def schedule_steps(train: TrainSection, train_rows: int, world_size: int) -> int:
@@ -119,9 +125,12 @@ def _load_model(job: Job, ds_config: dict[str, Any] | None) -> Any:
         # transformers (and PEFT, copying modules_to_save) see ZeRO-3 through a weakref to
         # this object: it must live until the model is built.
         keep_alive = HfDeepSpeedConfig(ds_config)
-    model = load_pretrained(job.model_source, weights_dtype(train))
+    kind = train.student.kind
+    model = load_pretrained(
+        job.model_source, weights_dtype(train), kind, job.meta.get("labels"), job.pad_id
+    )
     if train.method == "lora":
-        model = apply_lora(model, train.lora)
+        model = apply_lora(model, train.lora, kind)
     del keep_alive
     return model
 
@@ -136,7 +145,7 @@ def _optimizer_and_schedule(model: Any, job: Job) -> tuple[Any, Any]:
 
     def schedule(opt: Any) -> Any:
         return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: linear_lr_factor(s, job.total_steps, warmup)
+            opt, lambda s: lr_factor(s, job.total_steps, warmup, train.schedule)
         )
 
     return optimizer, schedule
@@ -302,22 +311,47 @@ def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
 
 
 def _batch_counts(batch: dict[str, Any]) -> tuple[int, int, int]:
-    """(examples, non-pad tokens, loss tokens) of a batch, counted on the CPU copy (no device
-    sync). The loss tokens are the labels after the causal shift (HF drops each sequence's
-    first label), i.e. what the loss averages over."""
+    """(examples, non-pad tokens, loss targets) of a batch, counted on the CPU copy (no device
+    sync). A causal LM's targets are the labels after the causal shift (HF drops each
+    sequence's first label), i.e. what the loss averages over; a classifier's, its examples."""
     examples = int(batch["input_ids"].shape[0])
     tokens = int(batch["attention_mask"].sum())
-    target = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    labels = batch["labels"]
+    target = examples if labels.dim() == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
     return examples, tokens, target
 
 
+# Length grouping sorts windows of this many batches: wide enough that neighbours in length
+# are found, narrow enough that an epoch's order stays random.
+GROUP_WINDOW_BATCHES = 16
+
+
 def _batches(
-    shard: Any, collate: PadCollate, batch_size: int, device: Any, **shuffle: Any
+    shard: Any,
+    collate: PadCollate,
+    batch_size: int,
+    device: Any,
+    group_seed: int | None = None,
+    **shuffle: Any,
 ) -> Iterator[tuple[dict[str, Any], tuple[int, int, int]]]:
-    """(batch on device, its counts) from a worker's dataset shard."""
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, **shuffle):
-        counts = _batch_counts(batch)
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, counts
+    """(batch on device, its counts) from a worker's dataset shard. With a `group_seed`, each
+    window of GROUP_WINDOW_BATCHES batches is cut into batches of similar length
+    (``data.length_grouped_batches``): the same examples, far less padding."""
+    if group_seed is None:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, **shuffle):
+            counts = _batch_counts(batch)
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, counts
+        return
+    rng = random.Random(group_seed)
+    windows = shard.iter_batches(
+        batch_size=batch_size * GROUP_WINDOW_BATCHES, batch_format="numpy", **shuffle
+    )
+    for window in windows:
+        lengths = [len(ids) for ids in window["input_ids"]]
+        for index in length_grouped_batches(lengths, batch_size, rng):
+            batch = collate({k: v[index] for k, v in window.items()})
+            counts = _batch_counts(batch)
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, counts
 
 
 # ---------------------------------------------------------------------- train / eval
@@ -375,6 +409,7 @@ def _train_epoch(
         collate,
         train.batch_size,
         engine.device,
+        group_seed=(job.seed * 1_000_003 + epoch * 1009 + rank) if train.group_by_length else None,
         # Each epoch (and worker) sees its rows in a different, reproducible order.
         local_shuffle_buffer_size=train.batch_size * 8,
         local_shuffle_seed=job.seed * 1_000_003 + epoch * 1009 + rank,

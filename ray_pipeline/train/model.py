@@ -1,4 +1,8 @@
-"""Student models: the tiny random-init Llama, pretrained hub models, and LoRA on top."""
+"""Student models: the tiny random-init Llama, pretrained hub models, and LoRA on top.
+
+Two kinds, one set of functions: a causal LM (``AutoModelForCausalLM``: writes the answer)
+and a sequence classifier (``AutoModelForSequenceClassification``: one class per task label,
+its head trained fully beside LoRA adapters)."""
 
 from __future__ import annotations
 
@@ -10,13 +14,30 @@ if TYPE_CHECKING:
     import torch
 
 TINY = "tiny"
+CAUSAL_LM, CLASSIFIER = "causal_lm", "classifier"
 
 
-def build_tiny_model(tokenizer: Any, tiny: TinyModelSection, seed: int) -> Any:
-    """A small LlamaForCausalLM sized to the tokenizer, its random weights fixed by `seed`.
-    Input and output embeddings are not tied, so each can be trained (or saved) on its own."""
+def label_maps(labels: list[str]) -> dict[str, Any]:
+    """The classifier config's class names: class i is task label labels[i]."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+
+
+def build_tiny_model(
+    tokenizer: Any,
+    tiny: TinyModelSection,
+    seed: int,
+    kind: str = CAUSAL_LM,
+    labels: list[str] | None = None,
+) -> Any:
+    """A small Llama sized to the tokenizer, its random weights fixed by `seed`: a causal LM,
+    or (kind 'classifier') a sequence classifier over `labels`, which reads the last non-pad
+    token. Input and output embeddings are not tied, so each can be trained on its own."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -30,10 +51,13 @@ def build_tiny_model(tokenizer: Any, tiny: TinyModelSection, seed: int) -> Any:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        **(label_maps(labels) if kind == CLASSIFIER else {}),
     )
     # fork_rng: seeding must not change the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if kind == CLASSIFIER:
+            return LlamaForSequenceClassification(config)
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -48,21 +72,37 @@ def weights_dtype(train: TrainSection) -> torch.dtype:
     return torch.bfloat16 if train.use_gpu and train.precision == "bf16" else torch.float32
 
 
-def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None) -> Any:
-    """A causal LM from the hub or a local directory (the path users take with real models).
-    Under an active DeepSpeed ZeRO-3 config (HfDeepSpeedConfig) transformers loads it
-    partitioned across ranks instead of whole on each."""
-    from transformers import AutoModelForCausalLM
+def load_pretrained(
+    name_or_path: str,
+    dtype: torch.dtype | None = None,
+    kind: str = CAUSAL_LM,
+    labels: list[str] | None = None,
+    pad_id: int | None = None,
+) -> Any:
+    """A student from the hub or a local directory (the path users take with real models): a
+    causal LM, or a sequence classifier over `labels` (a new head, or the saved one when the
+    directory is a classifier already). Under an active DeepSpeed ZeRO-3 config
+    (HfDeepSpeedConfig) transformers loads it partitioned across ranks instead of whole."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    if kind != CLASSIFIER:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, dtype=dtype, **label_maps(labels or [])
+    )
+    if model.config.pad_token_id is None and pad_id is not None:
+        # Decoder classifiers read the last non-pad token: they must know the pad id.
+        model.config.pad_token_id = pad_id
+    return model
 
 
-def apply_lora(model: Any, lora: LoraSection) -> Any:
-    """Wrap `model` with LoRA adapters; only adapters and `modules_to_save` stay trainable."""
+def apply_lora(model: Any, lora: LoraSection, kind: str = CAUSAL_LM) -> Any:
+    """Wrap `model` with LoRA adapters; only adapters and `modules_to_save` stay trainable
+    (for a classifier PEFT also keeps its new head, ``classifier``/``score``, trainable)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if kind == CLASSIFIER else "CAUSAL_LM",
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,

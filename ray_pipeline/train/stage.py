@@ -46,7 +46,8 @@ class Prepared:
     base_dir: str | None  # tiny student: its saved random base, copied into LoRA checkpoints
     base_model: str  # "tiny" or the hub id / absolute path, recorded in the checkpoint
     pad_id: int
-    lineage: dict[str, Any]  # manifest, dataset hash, task labels: into every checkpoint
+    truncated: int  # examples cut at max_seq_len
+    lineage: dict[str, Any]  # kind, manifest, dataset hash, task labels: into every checkpoint
 
 
 def curated_dataset(run: Run) -> tuple[str, str]:
@@ -56,7 +57,11 @@ def curated_dataset(run: Run) -> tuple[str, str]:
 
 
 def _student_assets(
-    train: TrainSection, train_examples: list[Example], out_dir: Path, seed: int
+    train: TrainSection,
+    train_examples: list[Example],
+    out_dir: Path,
+    seed: int,
+    labels: list[str],
 ) -> tuple[Any, str, str | None, str]:
     """(tokenizer, model_source, base_dir, base_model) for the configured student."""
     from ray_pipeline.train.model import TINY, build_tiny_model
@@ -71,7 +76,9 @@ def _student_assets(
         tokenizer = build_tiny_tokenizer(tokenizer_corpus(train_examples), student.tiny.vocab_size)
         base_dir = out_dir / "student_base"
         shutil.rmtree(base_dir, ignore_errors=True)
-        build_tiny_model(tokenizer, student.tiny, seed).save_pretrained(base_dir)
+        build_tiny_model(tokenizer, student.tiny, seed, student.kind, labels).save_pretrained(
+            base_dir
+        )
         log.info(
             "tiny student: vocabulary %d, weights seeded with %d, saved to %s",
             len(tokenizer),
@@ -103,32 +110,41 @@ def prepare(run: Run, out_dir: Path) -> Prepared:
     """Read, split and tokenize the curated dataset; make the tokenizer and (tiny) base model
     under `out_dir`."""
     from ray_pipeline.data.manifest import read_manifest
-    from ray_pipeline.train.data import encode_examples, load_examples, split_examples
+    from ray_pipeline.train.data import (
+        encode_classifier_examples,
+        encode_examples,
+        load_examples,
+        split_examples,
+    )
+    from ray_pipeline.train.model import CLASSIFIER
 
-    train = run.cfg.train
+    train, task = run.cfg.train, run.cfg.task
     dataset, manifest_path = curated_dataset(run)
     examples = load_examples(dataset, train.target)
     train_examples, val_examples = split_examples(examples, train.val_fraction)
     tokenizer, model_source, base_dir, base_model = _student_assets(
-        train, train_examples, out_dir, run.cfg.run.seed
+        train, train_examples, out_dir, run.cfg.run.seed, task.labels
     )
     tokenizer_dir = out_dir / "tokenizer"
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
     tokenizer.save_pretrained(tokenizer_dir)
     everything = train_examples + val_examples
-    encoded = dict(
-        zip(
-            (ex.id for ex in everything),
-            encode_examples(tokenizer, everything, train.max_seq_len),
-            strict=True,
+    truncated = 0
+    if train.student.kind == CLASSIFIER:
+        rows, truncated = encode_classifier_examples(
+            tokenizer, everything, train.max_seq_len, task.labels
         )
-    )
+    else:
+        rows = encode_examples(tokenizer, everything, train.max_seq_len)
+    encoded = dict(zip((ex.id for ex in everything), rows, strict=True))
     manifest = read_manifest(manifest_path)
     log.info(
-        "dataset %s: %d training rows, %d validation rows",
+        "dataset %s: %d training rows, %d validation rows, %d cut at max_seq_len %d",
         dataset,
         len(train_examples),
         len(val_examples),
+        truncated,
+        train.max_seq_len,
     )
     return Prepared(
         train_examples=train_examples,
@@ -139,13 +155,22 @@ def prepare(run: Run, out_dir: Path) -> Prepared:
         base_dir=base_dir,
         base_model=base_model,
         pad_id=tokenizer.pad_token_id,
+        truncated=truncated,
         lineage={
+            "kind": train.student.kind,
             "manifest": manifest_path,
             "dataset": dataset,
             "dataset_content_sha256": manifest.get("content_sha256"),
-            "label_key": run.cfg.task.label_key,
-            "labels": run.cfg.task.labels,
-            "task": run.cfg.task.name,
+            "label_key": task.label_key,
+            "labels": task.labels,
+            "task": task.name,
+            # How a served classifier finds the input inside a chat request.
+            "prompt": {
+                "template": task.prompt.text(),
+                "placeholder": task.prompt.placeholder,
+                "system": task.prompt.system,
+            },
+            "pad_id": tokenizer.pad_token_id,
         },
     )
 
@@ -256,6 +281,37 @@ def summary_metrics(final: dict[str, Any]) -> dict[str, Any]:
     return {k: final.get(k) for k in keys}
 
 
+def set_threshold(checkpoint: str, val_examples: list[Example], cfg: Any) -> dict[str, Any] | None:
+    """For a binary classifier: choose its decision threshold on the validation rows (for
+    train.threshold.metric), store it in the checkpoint, return it. None otherwise (other
+    students, more than two labels, or no validation rows: the checkpoint then takes the
+    most probable label)."""
+    from ray_pipeline.train.checkpoint import update_meta
+    from ray_pipeline.train.model import CLASSIFIER
+    from ray_pipeline.train.student import Student
+    from ray_pipeline.train.threshold import choose_threshold
+
+    train, labels = cfg.train, cfg.task.labels
+    if train.student.kind != CLASSIFIER or len(labels) != 2 or not val_examples:
+        return None
+    positive = train.threshold.positive_label or labels[-1]
+    student = Student.load(checkpoint, device="cuda" if train.use_gpu else "cpu")
+    probs = student.class_probs([ex.input or "" for ex in val_examples])
+    index = labels.index(positive)
+    truth = [ex.label == positive for ex in val_examples]
+    value, score = choose_threshold([p[index] for p in probs], truth, train.threshold.metric)
+    threshold = {
+        "positive_label": positive,
+        "value": value,
+        "metric": train.threshold.metric,
+        "val_score": score,
+        "val_rows": len(val_examples),
+    }
+    update_meta(checkpoint, threshold=threshold)
+    log.info("threshold: %s", threshold)
+    return threshold
+
+
 def run_train(run: Run) -> dict[str, Any]:
     from ray_pipeline.train.plots import plot_loss_curve
 
@@ -279,13 +335,18 @@ def run_train(run: Run) -> dict[str, Any]:
     result = trainer.fit()
     fit_seconds = time.perf_counter() - fit_started
     final = result.metrics
+    checkpoint = str(Path(result.checkpoint.path).absolute())
+    threshold = set_threshold(checkpoint, prepared.val_examples, run.cfg)
     history = final["history"]
     plot = plot_loss_curve(
         history, out / "loss.png", f"{run.run_id}: {train.method} on {prepared.base_model}"
     )
     section = {
-        "checkpoint": str(Path(result.checkpoint.path).absolute()),
+        "checkpoint": checkpoint,
+        "kind": train.student.kind,
         "metrics": {**summary_metrics(final), "fit_seconds": round(fit_seconds, 2)},
+        "threshold": threshold,
+        "truncated": prepared.truncated,
         "workers": train.num_workers,
         "use_gpu": train.use_gpu,
         "zero_stage": train.deepspeed.zero_stage if train.deepspeed.enabled else None,

@@ -3,19 +3,48 @@
 Evaluation and the Ray Serve student deployment use exactly::
 
     student = Student.load(path)
-    answers = student.complete(list_of_message_lists, max_new_tokens=N)
+    answers = student.answer(list_of_message_lists, max_new_tokens=N)
 
-Prompts are rendered by the checkpoint's own tokenizer and chat template, the same way they
-were rendered for training (``ray_pipeline.train.data.render_prompt``).
+Every answer is the task's answer format (for a label task the teacher's JSON, e.g.
+``{"is_bad": 1}``) plus a confidence, whatever the kind of student:
+
+* a causal LM writes the answer greedily after the chat prompt, rendered by the checkpoint's
+  own tokenizer and chat template exactly as in training; its confidence is the probability
+  it gives its own answer (the product of its token probabilities, end-of-sequence included);
+* a classifier reads the input text (recovered from the messages by the task's prompt) and
+  gives every class a probability; a binary classifier says the positive label when that
+  label's probability reaches the checkpoint's threshold (chosen on the validation split);
+  its confidence is the probability of the label it says.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray_pipeline.data.prompts import Prompt, last_user_content
 from ray_pipeline.train.checkpoint import load_model, read_meta
 from ray_pipeline.train.data import render_prompt
+from ray_pipeline.train.model import CAUSAL_LM, CLASSIFIER
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str  # the task's answer format
+    confidence: float | None  # probability of this answer
+    probs: dict[str, float] | None = None  # classifier: every label's probability
+
+
+def answer_text(label_key: str, label: str) -> str:
+    """A label in the teacher's answer format: {"<label_key>": 1} (numbers as numbers)."""
+    value: Any = label
+    try:
+        value = int(label)
+    except ValueError:
+        value = label  # a word label stays a string
+    return json.dumps({label_key: value})
 
 
 class Student:
@@ -26,6 +55,13 @@ class Student:
         self.tokenizer = tokenizer
         self.meta = meta
         self.device = device
+        self.kind = meta.get("kind", CAUSAL_LM)
+        prompt = meta.get("prompt")
+        self.prompt = (
+            Prompt(prompt["template"], prompt["placeholder"], prompt.get("system"))
+            if prompt
+            else None
+        )
         # Longest prompt + answer the model takes (tiny: its config; hub models: their config).
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
 
@@ -97,29 +133,70 @@ class Student:
             out.extend(zip(texts, probs, strict=True))
         return out
 
+    def answer(
+        self, messages_batch: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 32
+    ) -> list[Answer]:
+        """One answer with its confidence per message list (see the module docstring)."""
+        if not messages_batch:
+            return []
+        if self.kind == CLASSIFIER:
+            texts = [self.input_text(m) for m in messages_batch]
+            return [self._label_answer(p) for p in self.class_probs(texts, batch_size)]
+        return [
+            Answer(text, float(p))
+            for text, p in self._generate(messages_batch, max_new_tokens, batch_size, scores=True)
+        ]
+
     def complete(
         self, messages_batch: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 32
     ) -> list[str]:
-        """Greedy answers, one per message list, decoded from the new tokens only (special
-        tokens skipped). Runs in chunks of `batch_size`."""
-        if not messages_batch:
-            return []
-        return [
-            text
-            for text, _ in self._generate(messages_batch, max_new_tokens, batch_size, scores=False)
-        ]
+        """The answers' texts alone."""
+        return [a.text for a in self.answer(messages_batch, max_new_tokens, batch_size)]
 
-    def complete_with_scores(
-        self, messages_batch: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 32
-    ) -> list[tuple[str, float]]:
-        """Greedy answers with the probability the model gives its own answer (the product of
-        its token probabilities, end-of-sequence included): a confidence for routing."""
-        if not messages_batch:
-            return []
-        return [
-            (text, float(p))
-            for text, p in self._generate(messages_batch, max_new_tokens, batch_size, scores=True)
-        ]
+    # -------------------------------------------------------------------- classifiers
+    def input_text(self, messages: list[dict]) -> str:
+        """The input a classifier reads: the task prompt's slot in the last user message (the
+        whole message when it is not in the task's prompt)."""
+        user = last_user_content(messages) or ""
+        extracted = self.prompt.extract(user) if self.prompt is not None else None
+        return extracted if extracted is not None else user
+
+    def class_probs(self, texts: list[str], batch_size: int = 32) -> list[list[float]]:
+        """Every label's probability (in the order of the checkpoint's labels) per text."""
+        import torch
+
+        out: list[list[float]] = []
+        limit = self.max_positions
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(
+                texts[start : start + batch_size],
+                truncation=limit is not None,
+                max_length=limit,
+                padding=True,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=enc["input_ids"].to(self.device),
+                    attention_mask=enc["attention_mask"].to(self.device),
+                ).logits
+            out.extend(torch.softmax(logits.float(), dim=-1).tolist())
+        return out
+
+    def _label_answer(self, probs: list[float]) -> Answer:
+        labels = self.meta["labels"]
+        threshold = self.meta.get("threshold")
+        if threshold is not None:
+            positive = labels.index(threshold["positive_label"])
+            negative = 1 - positive
+            index = positive if probs[positive] >= threshold["value"] else negative
+        else:
+            index = max(range(len(probs)), key=probs.__getitem__)
+        return Answer(
+            answer_text(self.meta["label_key"], labels[index]),
+            probs[index],
+            dict(zip(labels, probs, strict=True)),
+        )
 
 
 def _sequence_probs(step_scores: tuple[Any, ...], new_tokens: Any, eos_id: int) -> list[float]:

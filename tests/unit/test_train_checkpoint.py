@@ -158,9 +158,9 @@ def test_batched_left_padded_generation_matches_one_by_one(tokenizer):
     alone = [student.complete([p], max_new_tokens=8)[0] for p in PROMPTS]
     assert together == alone
     assert together[0] == '{"toxic": 1}'  # learned the toy rule on a training prompt
-    scored = student.complete_with_scores(PROMPTS, max_new_tokens=8)
-    assert [t for t, _ in scored] == together
-    assert all(0 < p <= 1 for _, p in scored)
+    answers = student.answer(PROMPTS, max_new_tokens=8)
+    assert [a.text for a in answers] == together
+    assert all(0 < a.confidence <= 1 and a.probs is None for a in answers)
 
 
 def _free_port() -> int:
@@ -243,3 +243,93 @@ def test_lora_on_a_pretrained_base_references_it(tokenizer, tmp_path):
     )
     assert {p.name for p in ckpt.iterdir()} == {META_FILE, "adapter", "tokenizer"}
     assert Student.load(ckpt, device="cpu").complete(PROMPTS, max_new_tokens=8) == expected
+
+
+# ---------------------------------------------------------------- classifier students
+LABELS = ["0", "1"]
+CLASSIFIER_EXAMPLES = [
+    Example(
+        id=str(i),
+        messages=[{"role": "user", "content": f"Is it toxic? {w} said number {i}"}],
+        target="",
+        label=str(int(w == "idiot")),
+        input=f"{w} said number {i}",
+    )
+    for i, w in enumerate(["idiot", "fine", "nice", "idiot", "good", "idiot"] * 4)
+]
+CLASSIFIER_META = {
+    "kind": "classifier",
+    "labels": LABELS,
+    "label_key": "toxic",
+    "prompt": {"template": "Is it toxic? {input}", "placeholder": "{input}", "system": None},
+}
+
+
+def _train_classifier(model, tokenizer, steps: int = 25):
+    from ray_pipeline.train.data import encode_classifier_examples
+
+    torch.manual_seed(0)
+    enc, cut = encode_classifier_examples(tokenizer, CLASSIFIER_EXAMPLES, 48, LABELS)
+    assert cut == 0 and {e["labels"] for e in enc} == {0, 1}
+    batch = pad_batch(
+        [e["input_ids"] for e in enc], [e["labels"] for e in enc], tokenizer.pad_token_id
+    )
+    assert batch["labels"].shape == (len(enc),)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_classifier_student_round_trip_answers_with_label_probabilities(
+    tokenizer, tmp_path, method
+):
+    model = build_tiny_model(tokenizer, TINY, seed=3, kind="classifier", labels=LABELS)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    if method == "lora":
+        model = apply_lora(model, LoraSection(r=4, alpha=8), kind="classifier")
+        # The new head is trained fully beside the adapters.
+        assert any("score" in n and p.requires_grad for n, p in model.named_parameters())
+    model = _train_classifier(model, tokenizer)
+    state = gathered_state_dict(model, trainable_only=method == "lora", zero3=False, writer=True)
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt",
+        model=model,
+        state_dict=state,
+        tokenizer=tokenizer,
+        method=method,
+        meta={**CLASSIFIER_META, "base_model": "tiny"},
+        base_dir=base if method == "lora" else None,
+    )
+    student = Student.load(ckpt)
+    messages = [
+        [{"role": "user", "content": "Is it toxic? idiot said number 3"}],
+        [{"role": "user", "content": "Is it toxic? fine said number 99"}],
+    ]
+    answers = student.answer(messages)
+    assert [json.loads(a.text) for a in answers] == [{"toxic": 1}, {"toxic": 0}]
+    for a in answers:
+        assert set(a.probs) == set(LABELS) and abs(sum(a.probs.values()) - 1) < 1e-5
+        assert a.confidence == max(a.probs.values()) > 0.5
+    # The input is what the prompt's slot held: the same answer from the bare text.
+    assert student.input_text(messages[0]) == "idiot said number 3"
+    # A stored threshold moves the decision: above every probability, nothing is positive.
+    student.meta["threshold"] = {"positive_label": "1", "value": 1.01}
+    assert [json.loads(a.text) for a in student.answer(messages)] == [{"toxic": 0}] * 2
+
+
+def test_classifier_inputs_longer_than_max_seq_len_are_cut_and_counted(tokenizer):
+    from ray_pipeline.train.data import encode_classifier_examples
+
+    long = Example(id="x", messages=[], target="", label="1", input="idiot " * 100)
+    enc, cut = encode_classifier_examples(tokenizer, [long, *CLASSIFIER_EXAMPLES[:2]], 16, LABELS)
+    assert cut == 1 and len(enc[0]["input_ids"]) == 16 and enc[0]["labels"] == 1
+    with pytest.raises(ValueError, match="label outside the task's labels"):
+        encode_classifier_examples(
+            tokenizer, [Example(id="y", messages=[], target="", label="2", input="a")], 16, LABELS
+        )

@@ -151,3 +151,29 @@ def test_pad_batch_right_pads_and_masks():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_length_grouped_batches_cover_every_example_once_with_less_padding():
+    import random
+
+    from ray_pipeline.train.data import length_grouped_batches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 300) for _ in range(100)]
+    batches = length_grouped_batches(lengths, 8, random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    assert [len(b) for b in batches].count(8) == 12 and sum(map(len, batches)) == 100
+
+    def padded(groups):
+        return sum(len(b) * max(lengths[i] for i in b) for b in groups)
+
+    shuffled = list(range(100))
+    random.Random(2).shuffle(shuffled)
+    random_batches = [shuffled[i : i + 8] for i in range(0, 100, 8)]
+    assert padded(batches) < 0.7 * padded(random_batches)
+    # Within a batch the lengths are neighbours; the batches' order is random, not sorted.
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) < 60 for b in batches)
+    assert [max(lengths[i] for i in b) for b in batches] != sorted(
+        max(lengths[i] for i in b) for b in batches
+    )
+    assert batches == length_grouped_batches(lengths, 8, random.Random(1))  # seeded

@@ -12,15 +12,28 @@ from ray_pipeline.sweep.stage import (
     swept_values,
     trial_train_section,
 )
-from ray_pipeline.train.loop import linear_lr_factor, schedule_steps
+from ray_pipeline.train.loop import lr_factor, schedule_steps
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():
-    factors = [linear_lr_factor(s, total_steps=10, warmup_steps=2) for s in range(11)]
+    factors = [lr_factor(s, total_steps=10, warmup_steps=2, schedule="linear") for s in range(11)]
     assert factors[:3] == [0.0, 0.5, 1.0]
     assert factors[2:] == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0])
-    assert linear_lr_factor(0, total_steps=4, warmup_steps=0) == 1.0
-    assert linear_lr_factor(7, total_steps=4, warmup_steps=0) == 0.0  # never negative
+    assert lr_factor(0, total_steps=4, warmup_steps=0, schedule="linear") == 1.0
+    assert lr_factor(7, total_steps=4, warmup_steps=0, schedule="linear") == 0.0  # never negative
+
+
+def test_cosine_schedule_matches_transformers():
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=20)
+    ours = [lr_factor(s, total_steps=20, warmup_steps=3) for s in range(21)]
+    theirs = [reference.lr_lambdas[0](s) for s in range(21)]
+    assert ours == pytest.approx(theirs) and ours[-1] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(5, 10, 0, "step")
 
 
 def test_schedule_steps_counts_equal_shards_and_accumulation():
