@@ -224,7 +224,8 @@ def pad_batch(
         for i, s in enumerate(input_ids):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             att[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": att, "labels": torch.tensor(np.asarray(labels))}
+        classes = torch.tensor(np.asarray(labels, dtype=np.int64))
+        return {"input_ids": ids, "attention_mask": att, "labels": classes}
     lab = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
     for i, (s, lb) in enumerate(zip(input_ids, labels, strict=True)):
         # torch.tensor copies: Ray hands over read-only numpy arrays.

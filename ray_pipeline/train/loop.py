@@ -321,6 +321,16 @@ def _batch_counts(batch: dict[str, Any]) -> tuple[int, int, int]:
     return examples, tokens, target
 
 
+def _pick(values: list[Any], index: list[int]) -> Any:
+    """values[index] as a 1-D object array (np.array would make rows of equal length 2-D)."""
+    import numpy as np
+
+    out = np.empty(len(index), dtype=object)
+    for j, i in enumerate(index):
+        out[j] = values[i]
+    return out
+
+
 # Length grouping sorts windows of this many batches: wide enough that neighbours in length
 # are found, narrow enough that an epoch's order stays random.
 GROUP_WINDOW_BATCHES = 16
@@ -342,16 +352,31 @@ def _batches(
             counts = _batch_counts(batch)
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, counts
         return
+
     rng = random.Random(group_seed)
-    windows = shard.iter_batches(
-        batch_size=batch_size * GROUP_WINDOW_BATCHES, batch_format="numpy", **shuffle
-    )
-    for window in windows:
-        lengths = [len(ids) for ids in window["input_ids"]]
+    window_rows = batch_size * GROUP_WINDOW_BATCHES
+
+    def grouped(rows: dict[str, list]) -> Iterator[tuple[dict[str, Any], tuple[int, int, int]]]:
+        lengths = [len(ids) for ids in rows["input_ids"]]
         for index in length_grouped_batches(lengths, batch_size, rng):
-            batch = collate({k: v[index] for k, v in window.items()})
-            counts = _batch_counts(batch)
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, counts
+            batch = collate({k: _pick(v, index) for k, v in rows.items()})
+            yield (
+                {k: v.to(device, non_blocking=True) for k, v in batch.items()},
+                _batch_counts(batch),
+            )
+
+    # Whole windows give only full batches; the rest comes last: every worker makes exactly
+    # ceil(rows / batch_size) batches, as schedule_steps planned (DDP and DeepSpeed need the
+    # same number of steps on every rank), however the shard's batches arrive.
+    buffer: dict[str, list] = {}
+    for part in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle):
+        for k, v in part.items():
+            buffer.setdefault(k, []).extend(v)
+        if len(buffer["input_ids"]) >= window_rows:
+            yield from grouped({k: v[:window_rows] for k, v in buffer.items()})
+            buffer = {k: v[window_rows:] for k, v in buffer.items()}
+    if buffer.get("input_ids"):
+        yield from grouped(buffer)
 
 
 # ---------------------------------------------------------------------- train / eval

@@ -166,7 +166,9 @@ class Student:
         import torch
 
         out: list[list[float]] = []
-        limit = self.max_positions
+        # Inputs are cut where training cut them (and never past the model's positions).
+        limits = [self.max_positions, (self.meta.get("train") or {}).get("max_seq_len")]
+        limit = min((x for x in limits if x), default=None)
         for start in range(0, len(texts), batch_size):
             enc = self.tokenizer(
                 texts[start : start + batch_size],
