@@ -306,6 +306,15 @@ class TeacherSection(Section):
         0.25, gt=0, description="CPUs reserved per actor (the work is mostly waiting on I/O)."
     )
     n: int = Field(1, gt=0, le=16, description="Samples per input (for voting in curation).")
+    top_logprobs: int | None = Field(
+        None,
+        ge=1,
+        le=20,
+        description="Keep the main teacher's token logprobs with this many alternatives per "
+        "token (1 to 20, OpenAI's limit) in each row's teacher_logprobs, for logit "
+        "distillation: every row request then sends logprobs=true and top_logprobs. Null: "
+        "not asked. Voters, seed expansion and teacher evaluation never ask.",
+    )
     voters: list[VoterSection] = Field(
         default_factory=list,
         description="More teachers (other models or prompts) asked for every input; their "
@@ -321,6 +330,24 @@ class TeacherSection(Section):
     )
     cache: CacheSection = Field(default_factory=CacheSection)
     simulator: SimulatorSection = Field(default_factory=SimulatorSection)
+
+    @field_validator("top_logprobs", mode="before")
+    @classmethod
+    def _top_logprobs_is_a_count(cls, v: Any) -> Any:
+        # YAML `top_logprobs: true` would pass as 1: say what the number means instead.
+        if isinstance(v, bool):
+            raise ValueError(
+                "give the number of alternatives per token (1 to 20), or null for none; "
+                "not a boolean"
+            )
+        return v
+
+    def logprob_params(self) -> dict[str, Any]:
+        """The request parameters that ask for the answer's token logprobs (none when off):
+        what the generate stage adds to the main teacher's row requests."""
+        if self.top_logprobs is None:
+            return {}
+        return {"logprobs": True, "top_logprobs": self.top_logprobs}
 
     @model_validator(mode="after")
     def _endpoint(self) -> TeacherSection:

@@ -28,6 +28,10 @@ ROW_SCHEMA = pa.schema(
         pa.field("teacher", pa.string()),  # model that answered (or "log:<path>" when recorded)
         pa.field("prompt_hash", pa.string()),  # hash of the prompt template + system message
         pa.field("response", pa.string()),  # raw teacher answer text
+        # JSON of the answer's token logprobs when the teacher was asked for them
+        # (teacher.top_logprobs): [{"token", "logprob", "top": [[token, logprob], ...]}];
+        # null when not asked, not returned, or recorded in a log.
+        pa.field("teacher_logprobs", pa.string()),
         pa.field("output", pa.string()),  # parsed answer, as JSON
         pa.field("label", pa.string()),  # normalised label from the answer
         pa.field("prompt_tokens", pa.int64()),

@@ -127,10 +127,17 @@ def stable_fraction(*keys: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def error_draw(text: str, seed: int = 0, sample: int = 0) -> float:
+    """The simulated teacher's stable draw for one answer: it is wrong when the draw is below
+    its error rate (``teacher_label``); its confidence comes from the same draw
+    (``simulator.label_confidence``)."""
+    return stable_fraction("error", seed, sample, text)
+
+
 def teacher_label(text: str, error_rate: float, seed: int = 0, sample: int = 0) -> str:
     """What the simulated teacher answers: the rule, wrong on a stable `error_rate` share."""
     label = true_label(text)
-    if stable_fraction("error", seed, sample, text) < error_rate:
+    if error_draw(text, seed, sample) < error_rate:
         return "0" if label == "1" else "1"
     return label
 

@@ -107,6 +107,7 @@ def _reset_for_retry(batch: pa.Table) -> pa.Table:
                 status_code=None,
                 attempts=None,
                 response=None,
+                teacher_logprobs=None,
                 output=None,
                 label=None,
             )
@@ -139,7 +140,8 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
                 if rows:
                     new = session.dataset(to_table(rows))
                     ds = new if ds is None else ds.union(new)
-        ds = session.pool(ds)
+        # Only the rows' own answers carry logprobs (not the seed expansion's requests).
+        ds = session.pool(ds, params=run.cfg.teacher.logprob_params())
         ds = ds.map_batches(parse_batch, fn_kwargs={"task": run.cfg.task}, batch_format="pyarrow")
         ds.write_parquet(str(tmp_dir))
     # Swap in the new rows only once they are complete: a killed run leaves the old ones.

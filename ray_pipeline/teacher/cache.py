@@ -1,9 +1,12 @@
 """Durable, content-addressed cache of teacher responses.
 
 The key is a hash of everything that determines an answer: the endpoint, the model, the
-messages, the sampling parameters and the response format. Each entry is one small JSON file
-(``<dir>/ab/<key>.json``: 256 folders, made once, not one new folder per answer) written to a
-temporary name and renamed into place, so:
+messages, the sampling parameters, the response format and whether (and with how many
+alternatives) token logprobs were asked for: an answer cached without logprobs is never served
+to a request that wants them. An entry is the whole ``TeacherReply``, its logprobs included.
+
+Each entry is one small JSON file (``<dir>/ab/<key>.json``: 256 folders, made once, not one new
+folder per answer) written to a temporary name and renamed into place, so:
 re-running a job makes no teacher call for what it already asked; a run killed mid-way loses
 only the requests that were in flight; several processes, and several nodes sharing the
 directory (NFS, a mounted bucket), can read and write it at once without locks.

@@ -57,8 +57,10 @@ def ask_specs(
     params: dict[str, Any] | None = None,
     voters: bool = True,
 ) -> list[AskSpec]:
-    """The main teacher and its voters, resolved against the running endpoint. Voters on
-    another endpoint read their key from their own environment variable."""
+    """The main teacher and its voters, resolved against the running endpoint. `params` go to
+    the main teacher's requests only (over its temperature, max_tokens and n): the seed
+    expansion's sampling, the generate stage's logprob request. Voters on another endpoint
+    read their key from their own environment variable."""
 
     def price(model: str) -> tuple[float, float] | None:
         p = cfg.prices.get(model)
@@ -126,9 +128,10 @@ class Answer:
 
 
 class TeacherCaller:
-    """Fills ``response`` (and usage, cost, latency, attempts, votes) of every row that still
-    needs an answer; a row whose main request fails for good is marked ``failed`` with the
-    error, one whose call the budget refused with ``budget_exhausted``.
+    """Fills ``response`` (and its ``teacher_logprobs`` when asked for, usage, cost, latency,
+    attempts, votes) of every row that still needs an answer; a row whose main request fails
+    for good is marked ``failed`` with the error, one whose call the budget refused with
+    ``budget_exhausted``.
 
     Identical requests are answered from the response cache; every attempt takes a start
     slot from the shared quota (rate limits, budget). Used as a Ray Data actor (one event
@@ -249,8 +252,10 @@ class TeacherCaller:
             row["teacher"] = main.spec.model
         else:
             r = main.reply
+            logprobs = r.logprobs[0] if r.logprobs is not None else None
             row.update(
                 response=r.texts[0],
+                teacher_logprobs=dumps(logprobs) if logprobs is not None else None,
                 teacher=r.model,
                 latency_s=r.latency_s,
                 attempts=r.attempts,

@@ -41,6 +41,9 @@ class TeacherReply:
     attempts: int
     cost: float = 0.0  # USD, from the price table (0 when no price is known)
     cached: bool = False
+    # Per sample, the answer's token logprobs (``token_logprobs``) when they were asked for and
+    # returned; None when no sample has any.
+    logprobs: list[list[dict[str, Any]] | None] | None = None
 
 
 class TeacherCallError(Exception):
@@ -84,6 +87,23 @@ def estimate(
         # Rounded up to a whole pico-dollar: the reservation never falls below the cost.
         cost = math.ceil((prompt * price[0] + completion * price[1]) * 1e6) / PICO
     return Estimate(tokens=prompt + completion, cost=cost)
+
+
+def token_logprobs(choice: Any) -> list[dict[str, Any]] | None:
+    """A choice's token logprobs as rows keep them (``teacher_logprobs``): one entry per answer
+    token, ``{"token": str, "logprob": float, "top": [[token, logprob], ...]}`` with the
+    alternatives as returned (most likely first); None when the choice has none."""
+    content = choice.logprobs.content if choice.logprobs is not None else None
+    if content is None:
+        return None
+    return [
+        {
+            "token": t.token,
+            "logprob": t.logprob,
+            "top": [[a.token, a.logprob] for a in t.top_logprobs],
+        }
+        for t in content
+    ]
 
 
 def retry_after_s(headers: Any) -> float | None:
@@ -188,6 +208,7 @@ class TeacherClient:
             cost = cost_usd(prompt_tokens, completion_tokens, self.price)
             if gate is not None:
                 gate.release(prompt_tokens + completion_tokens, cost)
+            logprobs = [token_logprobs(c) for c in resp.choices]
             return TeacherReply(
                 texts=[c.message.content or "" for c in resp.choices],
                 model=resp.model or self.model,
@@ -196,6 +217,7 @@ class TeacherClient:
                 latency_s=latency,
                 attempts=attempt,
                 cost=cost,
+                logprobs=logprobs if any(lp is not None for lp in logprobs) else None,
             )
         raise AssertionError("unreachable: the loop returns or raises")
 

@@ -84,16 +84,21 @@ def parse_structured(text: str) -> tuple[Any, str]:
     raise ParseError(f"no JSON or python literal found in: {text[:120]!r}")
 
 
+def label_pattern(label_key: str) -> re.Pattern:
+    """``key: value``, ``"key": value``, ``'key'=value`` ..., the value in group 1: how a label
+    is found where nothing parses, and where the simulator puts its label token."""
+    return re.compile(
+        r"['\"]?" + re.escape(label_key) + r"['\"]?\s*[:=]\s*['\"]?([A-Za-z0-9_.\-]+)"
+    )
+
+
 def parse_answer(
     text: str, label_key: str, labels: list[str], aliases: dict[str, str]
 ) -> ParsedAnswer:
     try:
         obj, mode = parse_structured(text)
     except ParseError as e:
-        pattern = re.compile(
-            r"['\"]?" + re.escape(label_key) + r"['\"]?\s*[:=]\s*['\"]?([A-Za-z0-9_.\-]+)"
-        )
-        m = pattern.search(text or "")
+        m = label_pattern(label_key).search(text or "")
         if m is None:
             return ParsedAnswer(None, None, f"parse_error: {e}", "none")
         obj, mode = {label_key: m.group(1)}, "regex"

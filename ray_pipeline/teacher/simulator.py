@@ -9,10 +9,15 @@ It answers ``POST /v1/chat/completions`` and ``GET /v1/models``:
 * for **seed expansion** prompts (the run's expansion template) with new quickstart-style inputs.
 
 Answers carry token ``usage`` (about 4 characters per token) after a latency drawn from a fixed,
-normal or lognormal distribution. Like a production API it can also misbehave, each at its own
-rate: 429 with ``Retry-After``, 500, 503, hangs past the client's timeout, 200s whose body is
-not JSON, and 200s whose answer is prose with nothing to parse. A per-API-key requests-per-minute
-limit answers 429 to clients that do not share a rate limiter.
+normal or lognormal distribution. Asked for ``logprobs`` (and ``top_logprobs``), an answer
+carries its token logprobs in the OpenAI format: the label value is a token of its own whose
+alternatives are the task's other labels, with the probabilities of the simulator's calibrated
+confidence model (``label_confidence``); every other token is certain.
+
+Like a production API it can also misbehave, each at its own rate: 429 with ``Retry-After``,
+500, 503, hangs past the client's timeout, 200s whose body is not JSON, and 200s whose answer
+is prose with nothing to parse. A per-API-key requests-per-minute limit answers 429 to clients
+that do not share a rate limiter.
 
 Faults are drawn from a seeded random stream, one draw per admitted request, so the n-th request
 of a run meets the same fault in every run with the same seed, while a *retry* of a request is a
@@ -45,7 +50,9 @@ from ray_pipeline.config import DistillConfig
 from ray_pipeline.data import synthetic
 from ray_pipeline.data.manifest import file_sha256
 from ray_pipeline.data.prompts import Prompt, last_user_content
+from ray_pipeline.data.schema import normalize_label
 from ray_pipeline.data.sources import read_records
+from ray_pipeline.teacher.parse import label_pattern, parse_answer
 
 # Fault kind -> the setting holding its rate; rate bands are laid out on [0, 1) in this order.
 FAULT_RATES = {
@@ -109,9 +116,83 @@ def simulator_identity(cfg: DistillConfig) -> str:
     settings["replay"] = [
         {**r.model_dump(mode="json"), "sha256": file_sha256(r.path)} for r in sim.replay
     ]
+    # What its label tokens and their alternatives are (logprobs).
     settings["label_key"] = cfg.task.label_key
+    settings["labels"] = cfg.task.labels
+    settings["label_aliases"] = cfg.task.label_aliases
     blob = json.dumps(settings, sort_keys=True).encode()
     return f"simulator:{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+# The mass a sure answer leaves to the other labels: its label's logprob is about -1e-4.
+SURE_REST = 1e-4
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+# The simulator's tokenizer for logprobs, GPT-style: a word or a 1-3 digit number with the space
+# before it, a run of punctuation, whitespace. The pieces of a text join back to the text.
+_PIECE = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+")
+
+
+def label_confidence(draw: float, error_rate: float) -> float:
+    """The probability the simulated teacher gives the label it answers, from the same draw
+    that decides whether the answer is wrong (``synthetic.error_draw`` below `error_rate`).
+
+    Calibrated, and unsure where it errs (as real teachers are, which is what a student can
+    learn from logprobs): the draws below 3 x error_rate hold every wrong answer and twice as
+    many right ones, and get their accuracy (2/3) as confidence; the rest, all right, are sure
+    (1 - SURE_REST). From error_rate 1/3 on, every answer gets 1 - error_rate."""
+    band = min(1.0, 3 * error_rate)
+    confidence = 1.0 - error_rate / band if draw < band else 1.0
+    return min(max(confidence, SURE_REST), 1.0 - SURE_REST)
+
+
+def answer_tokens(
+    text: str, label_key: str, labels: list[str], aliases: dict[str, str]
+) -> tuple[list[str], int | None, str | None]:
+    """The simulator's tokens of an answer (they join back to it), the index of the token
+    holding the label value and that label; (tokens, None, None) when the answer has no label
+    the parser would read (prose, a cut-off answer). The label value is a token of its own:
+    ``{"toxic": 1}`` is ``{"``, ``toxic``, ``":``, a space, ``1``, ``}``."""
+    m = label_pattern(label_key).search(text)
+    label = normalize_label(m.group(1), labels, aliases) if m is not None else None
+    # Only where the parser reads the same label: a value the regex finds in prose before the
+    # real answer is no label token.
+    if label is None or parse_answer(text, label_key, labels, aliases).label != label:
+        return _PIECE.findall(text), None, None
+    start, end = m.span(1)
+    head = _PIECE.findall(text[:start])
+    return [*head, text[start:end], *_PIECE.findall(text[end:])], len(head), label
+
+
+def label_probs(label: str, labels: list[str], confidence: float) -> dict[str, float]:
+    """{label: probability}: `confidence` on the answered label, the rest shared evenly by the
+    others (for two labels: all of it on the other one)."""
+    rest = (1.0 - confidence) / (len(labels) - 1)
+    return {lab: confidence if lab == label else rest for lab in labels}
+
+
+def _logprob(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def logprobs_content(
+    tokens: list[str], label_at: int | None, label: str | None, probs: dict[str, float], top: int
+) -> list[dict[str, Any]]:
+    """``choices[i].logprobs.content`` of an answer: one entry per token with its `top` most
+    likely alternatives. The label token (at `label_at`, saying `label`) has the task's labels
+    as alternatives with the probabilities `probs` (the answered one spelled as in the text);
+    every other token is certain, its only alternative itself."""
+    out = []
+    for i, token in enumerate(tokens):
+        if i != label_at:
+            out.append({**_logprob(token, 0.0), "top_logprobs": [_logprob(token, 0.0)][:top]})
+            continue
+        ranked = sorted(probs, key=lambda lab: -probs[lab])  # stable: ties keep the task's order
+        alternatives = [
+            _logprob(token if lab == label else lab, math.log(probs[lab])) for lab in ranked
+        ]
+        out.append({**_logprob(token, math.log(probs[label])), "top_logprobs": alternatives[:top]})
+    return out
 
 
 @dataclass(slots=True)
@@ -174,6 +255,8 @@ class Simulator:
         self.spec = spec
         self.model = cfg.teacher.model
         self.label_key = cfg.task.label_key
+        self.labels = cfg.task.labels
+        self.label_aliases = cfg.task.label_aliases
         self.clock = clock
         # Inputs are recovered from the task's prompt and from every voter's own prompt.
         self.prompts = [Prompt.from_task(cfg.task)] + [
@@ -370,13 +453,28 @@ class Simulator:
                 f"'max_tokens' must be a positive integer, got {max_tokens!r}",
                 "invalid_request_error",
             )
-        texts = self._texts(user, n, body)
-        if texts is None:
+        logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            return 400, _error(
+                f"'logprobs' must be a boolean, got {logprobs!r}", "invalid_request_error"
+            )
+        if top is not None and (
+            not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS
+        ):
+            return 400, _error(
+                f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}",
+                "invalid_request_error",
+            )
+        if top is not None and not logprobs:
+            return 400, _error("'top_logprobs' needs 'logprobs': true", "invalid_request_error")
+        answered = self._texts(user, n, body)
+        if answered is None:
             self.counts["not_found"] += 1
             return 404, _error(
                 "the simulator has no recorded response for this input and no rule for it",
                 "not_found_error",
             )
+        texts, draws = answered
         self._served += 1
         if unparsable:
             texts = [_PROSE[(self._served + i) % len(_PROSE)] for i in range(n)]
@@ -398,7 +496,9 @@ class Simulator:
                     "index": i,
                     "message": {"role": "assistant", "content": t},
                     "finish_reason": finish[i],
-                    "logprobs": None,
+                    "logprobs": {"content": self._logprobs(t, draws[i], top or 0), "refusal": None}
+                    if logprobs
+                    else None,
                 }
                 for i, t in enumerate(texts)
             ],
@@ -409,27 +509,46 @@ class Simulator:
             },
         }
 
-    def _texts(self, user: str, n: int, body: dict[str, Any]) -> list[str] | None:
+    def _texts(
+        self, user: str, n: int, body: dict[str, Any]
+    ) -> tuple[list[str], list[float | None]] | None:
+        """The n answers to a request, each with the draw its label's confidence comes from
+        (None for an answer that is no label: seed expansion); None when there is no answer."""
         if self._expansion is not None:
             m = self._expansion.match(user)
             if m is not None:
                 self.counts["expansion"] += 1
-                return [self._expand(user, m, i, body) for i in range(n)]
+                return [self._expand(user, m, i, body) for i in range(n)], [None] * n
         text = self._input_of(user)
+        seed = self.spec.seed
         if text in self.replay:
             self.counts["replay"] += 1
-            return [self.replay[text]] * n
+            # The recorded teacher's confidence is unknown: the rule's model stands in (its
+            # unsure band is not tied to the recorded answer's errors). One draw per input:
+            # identical answers, identical logprobs.
+            return [self.replay[text]] * n, [synthetic.error_draw(text, seed)] * n
         if self.spec.rule == "quickstart":
             self.counts["rule"] += 1
-            return [
+            texts = [
                 synthetic.format_answer(
-                    synthetic.teacher_label(text, self.spec.error_rate, self.spec.seed, sample=i),
+                    synthetic.teacher_label(text, self.spec.error_rate, seed, sample=i),
                     text,
                     self.label_key,
                 )
                 for i in range(n)
             ]
+            return texts, [synthetic.error_draw(text, seed, sample=i) for i in range(n)]
         return None
+
+    def _logprobs(self, text: str, draw: float | None, top: int) -> list[dict[str, Any]]:
+        """The token logprobs of one answer (``logprobs_content``)."""
+        tokens, label_at, label = answer_tokens(
+            text, self.label_key, self.labels, self.label_aliases
+        )
+        if label is None or draw is None:
+            return logprobs_content(tokens, None, None, {}, top)
+        probs = label_probs(label, self.labels, label_confidence(draw, self.spec.error_rate))
+        return logprobs_content(tokens, label_at, label, probs, top)
 
     def _expand(self, user: str, m: re.Match, sample: int, body: dict[str, Any]) -> str:
         groups = m.groupdict()

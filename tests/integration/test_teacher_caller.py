@@ -16,6 +16,7 @@ from ray_pipeline.data.schema import FAILED, OK, dumps, new_row, row_id
 from ray_pipeline.teacher.caller import TeacherCaller, TeacherEndpoint, ask_specs
 from ray_pipeline.teacher.parse import parse_rows
 from ray_pipeline.teacher.quota import Quota, from_pico, to_pico
+from ray_pipeline.train.soft_targets import label_distribution
 
 pytestmark = pytest.mark.integration
 PROMPT = Prompt(synthetic.PROMPT)
@@ -42,7 +43,8 @@ def metrics(url):
 
 def run_caller(url, teacher: dict, batch, quota=None, cache_dir=None):
     cfg = TeacherSection.model_validate({"simulator": {"enabled": True}, **teacher})
-    specs = ask_specs(cfg, TeacherEndpoint(url, "k", SIM))
+    # As the generate stage asks: the rows' answers with logprobs when configured.
+    specs = ask_specs(cfg, TeacherEndpoint(url, "k", SIM), cfg.logprob_params())
     caller = TeacherCaller(specs, cfg.model_dump(mode="json"), quota, cache_dir)
 
     async def go():
@@ -79,6 +81,33 @@ def test_every_row_answered_and_cached(simulator, tmp_path):
     assert metrics(url)["ok"] == sent == 40  # the re-run made zero calls
     assert all(r["cached"] and r["cost"] == 0.0 for r in again)
     assert [r["response"] for r in again] == [r["response"] for r in out]
+
+
+def test_logprobs_are_kept_per_row_and_cached_apart_from_plain_answers(simulator, tmp_path):
+    url = simulator(rule="quickstart", error_rate=0.3)
+    cache = str(tmp_path / "cache")
+    plain = run_caller(url, {}, rows(12), cache_dir=cache)
+    assert all(r["teacher_logprobs"] is None for r in plain)
+    asked = parse_rows(run_caller(url, {"top_logprobs": 2}, rows(12), cache_dir=cache), TASK)
+    # The plain answers in the cache do not serve requests that want logprobs.
+    assert metrics(url)["ok"] == 24 and not any(r["cached"] for r in asked)
+    for r in asked:
+        logprobs = json.loads(r["teacher_logprobs"])
+        assert "".join(t["token"] for t in logprobs) == r["response"]
+        assert all(list(t) == ["token", "logprob", "top"] and len(t["top"]) <= 2 for t in logprobs)
+        probs = label_distribution(logprobs, TASK.labels)
+        assert max(probs) == probs[TASK.labels.index(r["label"])]
+        assert sum(probs) == pytest.approx(1.0)
+    again = run_caller(url, {"top_logprobs": 2}, rows(12), cache_dir=cache)
+    assert metrics(url)["ok"] == 24 and all(r["cached"] for r in again)  # no new call
+    assert [r["teacher_logprobs"] for r in again] == [r["teacher_logprobs"] for r in asked]
+    # Only the main teacher's row requests ask; voters do not.
+    cfg = TeacherSection.model_validate(
+        {"simulator": {"enabled": True}, "top_logprobs": 2, "voters": [{"name": "v"}]}
+    )
+    main, voter = ask_specs(cfg, TeacherEndpoint(url, "k", SIM), cfg.logprob_params())
+    assert main.params["top_logprobs"] == 2 and main.params["logprobs"] is True
+    assert "logprobs" not in voter.params and "top_logprobs" not in voter.params
 
 
 def test_budget_stops_cleanly_and_accounts_every_row(simulator):

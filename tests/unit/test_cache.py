@@ -26,6 +26,21 @@ def test_key_covers_everything_that_changes_the_answer():
     )
 
 
+def test_key_says_whether_and_how_many_logprobs_were_asked():
+    """An answer cached without logprobs must not answer a request that wants them."""
+    params = {"temperature": 0, "max_tokens": 5}
+    keys = {
+        cache_key("e", "m", MSGS, {**params, **extra})
+        for extra in (
+            {},
+            {"logprobs": True},
+            {"logprobs": True, "top_logprobs": 1},
+            {"logprobs": True, "top_logprobs": 5},
+        )
+    }
+    assert len(keys) == 4
+
+
 def test_put_get_is_durable_and_atomic(tmp_path):
     cache = ResponseCache(tmp_path / "c")
     key = cache_key("e", "m", MSGS, {})

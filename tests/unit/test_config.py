@@ -72,6 +72,22 @@ def test_teacher_needs_endpoint_or_simulator():
         load_config(data=data)
 
 
+def test_top_logprobs_is_off_or_a_count_of_alternatives():
+    cfg = load_config(data=_base())
+    assert cfg.teacher.top_logprobs is None and cfg.teacher.logprob_params() == {}
+    cfg = load_config(data=_base(), overrides=["teacher.top_logprobs=5"])
+    assert cfg.teacher.logprob_params() == {"logprobs": True, "top_logprobs": 5}
+    for value, problem in (
+        ("0", "teacher.top_logprobs: Input should be greater than or equal to 1, got 0"),
+        ("21", "teacher.top_logprobs: Input should be less than or equal to 20, got 21"),
+        ("true", "teacher.top_logprobs: give the number of alternatives per token (1 to 20)"),
+        ("some", "teacher.top_logprobs: Input should be a valid integer"),
+    ):
+        with pytest.raises(ConfigError) as exc:
+            load_config(data=_base(), overrides=[f"teacher.top_logprobs={value}"])
+        assert len(exc.value.problems) == 1 and exc.value.problems[0].startswith(problem)
+
+
 def test_prompt_needs_placeholder_and_one_source():
     data = _base()
     data["task"]["prompt"] = {"template": "no slot here"}

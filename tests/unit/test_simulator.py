@@ -5,19 +5,24 @@ import math
 import statistics
 
 import pytest
+from openai.types.chat import ChatCompletion
 
 from ray_pipeline.config import ConfigError, SeedsSection, load_config
 from ray_pipeline.data import synthetic
 from ray_pipeline.data.prompts import Prompt
+from ray_pipeline.teacher.client import token_logprobs
 from ray_pipeline.teacher.parse import parse_answer, parse_list
 from ray_pipeline.teacher.simulator import (
     FAULT_KINDS,
+    SURE_REST,
     RpmLimiter,
     Simulator,
     count_prompt_tokens,
+    label_confidence,
     load_replay,
     simulator_identity,
 )
+from ray_pipeline.train.soft_targets import label_distribution
 
 PROMPT = Prompt(synthetic.PROMPT)
 
@@ -336,11 +341,157 @@ def test_the_cache_identity_changes_with_every_setting_that_changes_answers(tmp_
     ]
     ids = {simulator_identity(config(**{"rule": "quickstart", **c})) for c in changed}
     assert len(ids) == len(changed) and base not in ids
-    task = {**synthetic.TASK, "label_key": "is_toxic"}
-    assert simulator_identity(config(task=task, rule="quickstart")) != base
+    for task in (
+        {**synthetic.TASK, "label_key": "is_toxic"},
+        {**synthetic.TASK, "labels": ["0", "1", "2"]},  # the label tokens' alternatives
+        {**synthetic.TASK, "label_aliases": {"yes": "1"}},
+    ):
+        assert simulator_identity(config(task=task, rule="quickstart")) != base
     # The replay table's content, not only its name.
     table = tmp_path / "replay.csv"
     table.write_text("comment_text,simple_prompt\na,{'toxic': 1}\n")
     first = simulator_identity(config(replay=[{"path": str(table)}]))
     table.write_text("comment_text,simple_prompt\na,{'toxic': 0}\n")
     assert simulator_identity(config(replay=[{"path": str(table)}])) != first
+
+
+# --------------------------------------------------------------------------------- logprobs
+def completion(body):
+    """The answer as the openai client reads it (raises when it is no valid ChatCompletion)."""
+    return ChatCompletion.model_validate(body)
+
+
+def label_entries(choice):
+    """The label token's entry of a choice's logprobs: the one token that is not certain."""
+    return [t for t in choice.logprobs.content if t.logprob != 0.0]
+
+
+def test_logprobs_in_the_openai_format_with_the_label_as_its_own_token():
+    sim = make(rule="quickstart", error_rate=0.2)
+    for text in synthetic.generate_comments(30, seed=3):
+        status, body = ask(sim, text, n=2, logprobs=True, top_logprobs=5)
+        assert status == 200
+        for i, choice in enumerate(completion(body).choices):
+            content = choice.message.content
+            tokens = choice.logprobs.content
+            assert "".join(t.token for t in tokens) == content  # the tokens are the answer
+            assert all(bytes(t.bytes) == t.token.encode() for t in tokens)
+            (label,) = label_entries(choice)
+            said = parse_answer(content, "toxic", ["0", "1"], {}).label
+            assert label.token == said
+            confidence = label_confidence(synthetic.error_draw(text, 0, i), 0.2)
+            assert math.exp(label.logprob) == pytest.approx(confidence)
+            # Its alternatives are the task's labels, most likely first, summing to 1.
+            alternatives = {a.token: math.exp(a.logprob) for a in label.top_logprobs}
+            assert set(alternatives) == {"0", "1"} and sum(alternatives.values()) == pytest.approx(
+                1
+            )
+            assert label.top_logprobs[0].logprob >= label.top_logprobs[1].logprob
+            assert alternatives[said] == pytest.approx(confidence)
+            # Every other token is certain, its only alternative itself.
+            others = [t for t in tokens if t is not label]
+            assert all(
+                [(a.token, a.logprob) for a in t.top_logprobs] == [(t.token, 0.0)] for t in others
+            )
+
+
+def test_logprobs_are_deterministic_and_only_sent_when_asked():
+    text = "Stop being a loser, the last revert sounds a bit biased lol"
+    one = ask(make(rule="quickstart"), text, n=3, logprobs=True, top_logprobs=2)[1]
+    two = ask(make(rule="quickstart"), text, n=3, logprobs=True, top_logprobs=2)[1]
+    assert [c["logprobs"] for c in one["choices"]] == [c["logprobs"] for c in two["choices"]]
+    assert ask(make(rule="quickstart"), text)[1]["choices"][0]["logprobs"] is None
+    # logprobs without top_logprobs: the tokens, no alternatives (as OpenAI does).
+    bare = completion(ask(make(rule="quickstart"), text, logprobs=True)[1]).choices[0]
+    assert bare.logprobs.content and all(t.top_logprobs == [] for t in bare.logprobs.content)
+    # top_logprobs 1: the most likely label only.
+    (label,) = label_entries(completion(one).choices[0])
+    assert len(label.top_logprobs) == 2
+    top1 = completion(ask(make(rule="quickstart"), text, logprobs=True, top_logprobs=1)[1])
+    assert [a.token for a in label_entries(top1.choices[0])[0].top_logprobs] == [label.token]
+
+
+def test_the_confidence_is_calibrated_and_low_where_the_teacher_errs():
+    sim = make(rule="quickstart", error_rate=0.1)
+    right, wrong = [], []
+    for text in synthetic.generate_comments(600, seed=11):
+        choice = completion(ask(sim, text, logprobs=True, top_logprobs=2)[1]).choices[0]
+        (label,) = label_entries(choice)
+        (right if label.token == synthetic.true_label(text) else wrong).append(
+            math.exp(label.logprob)
+        )
+    accuracy = len(right) / (len(right) + len(wrong))
+    assert 0.85 < accuracy < 0.95
+    # Said with the confidence the answers earn: calibrated on the whole ...
+    assert statistics.mean(right + wrong) == pytest.approx(accuracy, abs=0.03)
+    # ... and unsure exactly where it errs (2/3: the band holds one wrong answer in three).
+    assert all(c == pytest.approx(2 / 3) for c in wrong)
+    assert {round(c, 6) for c in right} == {round(2 / 3, 6), round(1 - SURE_REST, 6)}
+    assert label_confidence(0.5, 0.0) == 1 - SURE_REST and label_confidence(0.5, 0.4) == 0.6
+    assert label_confidence(0.5, 1.0) == SURE_REST  # never log(0)
+
+
+def test_replayed_answers_carry_logprobs_where_they_hold_a_label(tmp_path):
+    table = tmp_path / "replay.jsonl"
+    rows = {
+        "fenced": '```python\n{"toxic": 1}\n```',
+        "alias": '{"toxic": true}',
+        "prose": "I'm not sure about this one.",
+        # The regex's first 'toxic: 1' is in the reasoning; the parser reads the verdict 0.
+        "reasoning": 'Someone may say toxic: 1 here, but {"toxic": 0}',
+    }
+    table.write_text(
+        "".join(json.dumps({"comment_text": k, "simple_prompt": v}) + "\n" for k, v in rows.items())
+    )
+    sim = make(replay=[{"path": str(table)}], error_rate=0.0)
+    for text, recorded in rows.items():
+        body = ask(sim, text, n=2, logprobs=True, top_logprobs=3)[1]
+        choices = completion(body).choices
+        assert choices[0].logprobs == choices[1].logprobs  # the same answer, the same logprobs
+        assert "".join(t.token for t in choices[0].logprobs.content) == recorded
+        labels = label_entries(choices[0])
+        if text in ("prose", "reasoning"):
+            assert labels == []
+            continue
+        (label,) = labels
+        assert label.token == {"fenced": "1", "alias": "true"}[text]
+        assert math.exp(label.logprob) == pytest.approx(1 - SURE_REST)
+        # The alias is answered as spelled; its alternative is the other label.
+        assert [a.token for a in label.top_logprobs] == [label.token, "0"]
+
+
+def test_a_cut_off_answer_has_no_label_token():
+    sim = make(rule="quickstart")
+    text = "You are a moron, this article is too long"
+    choice = completion(ask(sim, text, max_tokens=2, logprobs=True, top_logprobs=2)[1]).choices[0]
+    assert choice.finish_reason == "length"
+    assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+    assert label_entries(choice) == []
+
+
+def test_bad_logprob_requests_are_400_with_the_reason():
+    sim = make(rule="quickstart")
+    for body, reason in (
+        ({"logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be an integer in [0, 20]"),
+        ({"logprobs": True, "top_logprobs": -1}, "got -1"),
+        ({"logprobs": True, "top_logprobs": "3"}, "got '3'"),
+        ({"logprobs": True, "top_logprobs": True}, "got True"),
+        ({"top_logprobs": 3}, "'top_logprobs' needs 'logprobs': true"),
+        ({"logprobs": False, "top_logprobs": 3}, "needs 'logprobs': true"),
+        ({"logprobs": "yes"}, "'logprobs' must be a boolean, got 'yes'"),
+    ):
+        status, err = ask(sim, "hi", **body)
+        assert status == 400 and reason in err["error"]["message"], (body, err)
+
+
+def test_the_label_distribution_of_a_simulated_answer():
+    """What a classifier student learns from a row: the simulator's confidence, read back
+    from the answer's logprobs as the client keeps them."""
+    sim = make(rule="quickstart", error_rate=0.1)
+    for text in synthetic.generate_comments(40, seed=5):
+        choice = completion(ask(sim, text, logprobs=True, top_logprobs=2)[1]).choices[0]
+        said = parse_answer(choice.message.content, "toxic", ["0", "1"], {}).label
+        confidence = label_confidence(synthetic.error_draw(text, 0), 0.1)
+        probs = label_distribution(token_logprobs(choice), ["0", "1"])
+        assert probs[int(said)] == pytest.approx(confidence)
+        assert sum(probs) == pytest.approx(1.0)
