@@ -534,6 +534,11 @@ class LoraSection(Section):
         "initialised student ('tiny') needs [lm_head, embed_tokens]: adapters alone on random "
         "weights do not learn reliably.",
     )
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes, GPU only) "
+        "and train the adapters in bf16 over them.",
+    )
 
 
 class DeepSpeedSection(Section):
@@ -549,6 +554,28 @@ class DeepSpeedSection(Section):
     offload_params: bool = Field(
         False, description="Keep the weights in CPU memory between uses (ZeRO 3, GPU only)."
     )
+    config_file: Path | None = Field(
+        None,
+        description="A DeepSpeed JSON file merged over the config generated from these "
+        "settings (its keys win, nested objects merge): for DeepSpeed options we do not cover.",
+    )
+
+    @field_validator("config_file")
+    @classmethod
+    def _config_file_is_json_object(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        import json
+
+        if not v.is_file():
+            raise ValueError(f"DeepSpeed config file {v} does not exist")
+        try:
+            data = json.loads(v.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{v} is not JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{v} must hold a JSON object, got {type(data).__name__}")
+        return v
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedSection:
@@ -557,6 +584,28 @@ class DeepSpeedSection(Section):
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(f"offload_params needs zero_stage 3, got {self.zero_stage}")
         return self
+
+
+class DistillSection(Section):
+    """Logit distillation: beside the cross-entropy on the teacher's answer, a divergence from
+    the teacher's own distribution, read from each row's teacher_logprobs (teacher.top_logprobs
+    asks for them). A classifier learns the teacher's probabilities over the labels, read where
+    it wrote the label; a causal LM its top-k at every answer token, which needs the teacher's
+    tokens to be the student's (the run refuses otherwise). Rows without logprobs (recorded
+    logs) get the cross-entropy only."""
+
+    weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Loss = (1 - weight) x cross-entropy + weight x divergence; 0: off.",
+    )
+    kind: Literal["kl", "jsd"] = Field(
+        "kl", description="kl: KL(teacher || student); jsd: Jensen-Shannon (symmetric)."
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="Softens both distributions (the loss is scaled by T^2)."
+    )
 
 
 class ThresholdSection(Section):
@@ -620,8 +669,69 @@ class TrainSection(Section):
         "row id (the same rows in every run of the same data).",
     )
     num_workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU when use_gpu).")
-    use_gpu: bool = Field(False, description="One GPU per worker.")
+    use_gpu: bool = Field(False, description="Train on GPUs (gpus_per_worker each).")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Further Ray resources per worker beside CPU and GPU, e.g. {memory: 16e9} "
+        "or a custom node resource.",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How workers are placed on nodes (a Ray placement group strategy): PACK "
+        "fills a node first (fast all-reduce), SPREAD one worker per node where possible.",
+    )
+    accelerator_type: str | None = Field(
+        None, description="Only nodes with this accelerator (e.g. A100, H100); null: any."
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Where Ray Train keeps checkpoints: a local path or a cloud URI (s3://, "
+        "gs://, abfs:// through pyarrow filesystems), which every node of a multi-node run "
+        "must reach. Default: the run folder (runs/<id>/train).",
+    )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Also checkpoint every N optimizer steps (always at each epoch's end): "
+        "what a failure or a re-run resumes from.",
+    )
+    checkpoints_to_keep: int = Field(2, gt=0, description="Newest checkpoints kept on storage.")
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="Worker-group failures survived by restarting from the last checkpoint "
+        "(Ray Train FailureConfig; -1: no limit).",
+    )
+    data_loading: Literal["auto", "stream", "materialize"] = Field(
+        "auto",
+        description="stream: Ray Data reads and tokenizes the curated Parquet again each "
+        "epoch, in step with training. materialize: once, into the object store, before "
+        "training starts. auto: materialize when the dataset is small (under 256 MiB of "
+        "Parquet) or the workers leave no CPU free for Ray Data (the tasks could not run).",
+    )
+    packing: bool = Field(
+        False,
+        description="Causal LM: pack several short examples into one sequence of up to "
+        "max_seq_len tokens, position ids restarting at each, attention kept within each "
+        "example. Off: length-grouped batches (group_by_length).",
+    )
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="Scale learning_rate with the effective batch (batch_size x "
+        "gradient_accumulation_steps x num_workers) relative to lr_reference_batch: linear "
+        "(the rule of thumb for SGD-like training) or sqrt (often better for Adam).",
+    )
+    lr_reference_batch: int = Field(
+        32, gt=0, description="The effective batch size learning_rate was chosen for."
+    )
+    distill: DistillSection = Field(default_factory=DistillSection)
+    export_merged: bool = Field(
+        False,
+        description="LoRA: also write the base with the adapters merged in (merged/), a "
+        "plain transformers model that needs no peft to load.",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
     log_every_steps: int = Field(10, gt=0, description="Log loss and examples/s every N steps.")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
@@ -638,6 +748,16 @@ class TrainSection(Section):
         ds = self.deepspeed
         if (ds.offload_optimizer or ds.offload_params) and not (ds.enabled and self.use_gpu):
             raise ValueError("deepspeed offload needs deepspeed.enabled and use_gpu: true")
+        if self.packing and self.distill.weight > 0:
+            raise ValueError("packing does not carry the teacher's logprobs: use distill.weight 0")
+        if self.packing and self.student.kind != "causal_lm":
+            raise ValueError("packing is for causal_lm students; a classifier reads one text")
+        if self.lora.load_in_4bit and not (self.use_gpu and self.method == "lora"):
+            raise ValueError("lora.load_in_4bit (QLoRA) needs method: lora and use_gpu: true")
+        if self.lora.load_in_4bit and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
+            raise ValueError("lora.load_in_4bit cannot be sharded by ZeRO-3: use zero_stage <= 2")
+        if self.export_merged and self.method != "lora":
+            raise ValueError("export_merged is for method: lora (full fine-tuning saves the model)")
         positions = self.student.tiny.max_position_embeddings
         if self.student.model == "tiny" and self.max_seq_len > positions:
             raise ValueError(
@@ -645,6 +765,18 @@ class TrainSection(Section):
                 f"max_position_embeddings ({positions})"
             )
         return self
+
+    @property
+    def effective_batch(self) -> int:
+        """Examples per optimizer step over all workers."""
+        return self.batch_size * self.gradient_accumulation_steps * self.num_workers
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """learning_rate, scaled by lr_scaling for the effective batch."""
+        ratio = self.effective_batch / self.lr_reference_batch
+        factor = {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[self.lr_scaling]
+        return self.learning_rate * factor
 
 
 # ------------------------------------------------------------------------------------- sweep

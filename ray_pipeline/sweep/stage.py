@@ -1,9 +1,10 @@
 """Sweep stage: a Ray Tune grid over training hyperparameters x dataset-size fractions.
 
 Every trial is one TorchTrainer built by the train stage's own ``make_trainer`` (same data
-preparation, same worker loop), on a nested subset of the training rows: a fixed seeded
-shuffle, the first `fraction` of it, so the 50% subset lies inside the 100% one and a size
-ablation compares like with like. All trials are scored on the same validation rows.
+preparation, same worker loop), on a nested subset of the training rows (``data.in_subset``:
+by a seeded hash of the row id, so the 50% subset lies inside the 100% one and a size
+ablation compares like with like). All trials are scored on the same validation rows. The
+datasets of each fraction are made once by the driver and shared by the trials.
 
 Outputs under runs/<id>/sweep/: tokenizer/ and student_base/ (shared by the trials), tune/
 (Ray Tune's run folder), trials/<trial>/checkpoint/ (each trial's student),
@@ -106,6 +107,7 @@ def run_trial(
     config: dict[str, Any],
     *,
     prepared: Any,
+    datasets: dict[float, dict[str, Any]],
     train: dict[str, Any],
     num_workers: int,
     storage_path: str,
@@ -116,18 +118,18 @@ def run_trial(
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ray_pipeline.train.data import nested_subset
     from ray_pipeline.train.stage import make_trainer
 
     params = dict(config)
     trial_train = trial_train_section(TrainSection.model_validate(train), params)
-    subset = nested_subset(prepared.train_examples, params["fraction"], seed)
+    fraction = params["fraction"]
     trainer = make_trainer(
         prepared,
         trial_train,
-        subset,
+        datasets[fraction],
+        prepared.train_rows(fraction, seed),
         num_workers=num_workers,
-        storage_path=Path(storage_path),
+        storage_path=storage_path,
         name=ray.tune.get_context().get_trial_name(),
         seed=seed,
         callbacks=[TuneReportCallback()],
@@ -139,7 +141,7 @@ def run_sweep(run: Run) -> dict[str, Any]:
     from ray import tune
 
     from ray_pipeline.sweep.plots import plot_fraction_ablation
-    from ray_pipeline.train.stage import prepare, set_threshold
+    from ray_pipeline.train.stage import data_loading_mode, make_datasets, prepare, set_threshold
 
     started = time.perf_counter()
     sweep, train = run.cfg.sweep, run.cfg.train
@@ -150,12 +152,20 @@ def run_sweep(run: Run) -> dict[str, Any]:
     for old in ("tune", "trials"):
         shutil.rmtree(out / old, ignore_errors=True)  # a re-run replaces, never mixes, results
     prepared = prepare(run, out)
+    seed = run.cfg.run.seed
+    workers_cpus = sweep.max_concurrent_trials * sweep.num_workers * train.cpus_per_worker
+    mode = data_loading_mode(train, prepared.dataset_bytes, workers_cpus)
+    datasets = {
+        fraction: make_datasets(prepared, train, fraction=fraction, seed=seed, mode=mode)
+        for fraction in sweep.fractions
+    }
     points = grid_points(sweep)
     log.info("sweep: %d trials over %s", len(points), swept_values(sweep))
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             prepared=prepared,
+            datasets=datasets,
             train=train.model_dump(mode="json"),
             num_workers=sweep.num_workers,
             storage_path=str(out / "trials"),

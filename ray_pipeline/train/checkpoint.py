@@ -9,6 +9,9 @@
     adapter/                  method 'lora': the PEFT adapter (+ modules_to_save)
     base/                     method 'lora' on the 'tiny' student: its random base weights,
                               which exist nowhere else; a hub base is referenced by id instead
+    merged/                   method 'lora' with train.export_merged: the base with the
+                              adapters merged in, loadable with plain transformers
+    train_state/              what resuming training needs (optimizer, schedule, progress)
 
 Under ZeRO-3 each rank holds only a shard of every weight, and ``state_dict()`` returns empty
 placeholders: saving that silently writes an empty model. ``gathered_state_dict`` gathers each
@@ -119,7 +122,11 @@ def load_model(checkpoint_dir: str | Path, meta: dict[str, Any], *, merge: bool 
     kind = meta.get("kind", CAUSAL_LM)
     labels, pad_id = meta.get("labels"), meta.get("pad_id")
     if meta["method"] == "full":
-        return load_pretrained(str(ckpt / "model"), "auto", kind, labels, pad_id)
+        model = load_pretrained(str(ckpt / "model"), "auto", kind, labels, pad_id)
+        # Training switches the key/value cache off (and save_pretrained keeps that);
+        # generation needs it back.
+        model.config.use_cache = True
+        return model
     from peft import PeftModel
 
     base_source = ckpt / "base" if (ckpt / "base").is_dir() else meta["base_model"]
@@ -134,3 +141,23 @@ def update_meta(checkpoint_dir: str | Path, **fields: Any) -> dict[str, Any]:
     meta = {**read_meta(checkpoint_dir), **fields}
     (Path(checkpoint_dir) / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return meta
+
+
+MERGED_DIR = "merged"
+
+
+def export_merged(checkpoint_dir: str | Path) -> Path:
+    """Write merged/: the LoRA checkpoint's base with its adapters merged in (fp32 base, even
+    when it was trained quantized), with the tokenizer, loadable by
+    ``AutoModelFor*.from_pretrained`` without peft."""
+    from transformers import AutoTokenizer
+
+    ckpt = Path(checkpoint_dir)
+    meta = read_meta(ckpt)
+    if meta["method"] != "lora":
+        raise ValueError(f"{ckpt} is a {meta['method']!r} checkpoint: only LoRA adapters merge")
+    out = ckpt / MERGED_DIR
+    model = load_model(ckpt, meta, merge=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(ckpt / "tokenizer").save_pretrained(out)
+    return out

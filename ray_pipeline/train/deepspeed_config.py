@@ -3,11 +3,16 @@
 A pure function of the config and the world size, so every combination is unit-tested on a
 machine without GPUs, and switching ZeRO stage, offload or precision is a config change.
 
+A user JSON file (``deepspeed.config_file``) is laid over the result, for the options we do
+not generate.
+
 Named deepspeed_config (not deepspeed) so it never shadows the `deepspeed` package.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from ray_pipeline.config import TrainSection
@@ -62,10 +67,25 @@ def build_deepspeed_config(train: TrainSection, world_size: int) -> dict[str, An
         config["optimizer"] = {
             "type": "AdamW",
             "params": {
-                "lr": train.learning_rate,
+                "lr": train.peak_learning_rate,
                 "weight_decay": train.weight_decay,
                 "betas": [0.9, 0.999],
                 "eps": 1e-8,
             },
         }
+    if ds.config_file is not None:
+        # The user's file wins key by key; nested objects (zero_optimization, ...) merge.
+        config = merge_config(config, json.loads(Path(ds.config_file).read_text()))
     return config
+
+
+def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` laid over it: a key of both that holds an object in both merges
+    recursively; any other key of `override` replaces the base's value."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out

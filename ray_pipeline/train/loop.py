@@ -5,12 +5,19 @@ Each worker gets an equal share of the rows (Ray Data's streaming_split with equ
 every rank runs the same number of steps; DeepSpeed's collectives (and ZeRO-3's forward pass,
 which gathers weights) need that. Metrics are all-reduced, so rank 0's report (the one Ray
 keeps) describes all workers.
+
+Checkpoints (every train.checkpoint_every_steps optimizer steps and at every epoch's end) are
+a complete student checkpoint plus ``train_state/``: the optimizer, schedule and progress
+(epoch, micro-batches done in it, counters, history). A worker group restarted after a
+failure, or a re-run of the stage, gets the newest one from ``ray.train.get_checkpoint()`` and
+goes on from exactly that step: the epoch's first micro-batches are skipped, not trained again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import math
 import os
@@ -19,26 +26,21 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ray.data.collate_fn import NumpyBatchCollateFn
-
 from ray_pipeline.config import TrainSection
-from ray_pipeline.train.data import IGNORE_INDEX, length_grouped_batches, pad_batch
+from ray_pipeline.train.data import BatchCounts, collate, length_grouped_batches
 
 log = logging.getLogger("distill.train")
 
-CHECKPOINT_DIR_NAME = "checkpoint"  # <storage>/<run name>/checkpoint/
+TRAIN_STATE_DIR = "train_state"  # inside every checkpoint: what resuming needs
+PROGRESS_FILE = "progress.json"
 
 
-class PadCollate(NumpyBatchCollateFn):
-    """Ray Data collate: a batch of tokenized examples -> right-padded tensors."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return pad_batch(batch["input_ids"], batch["labels"], self.pad_id)
+def checkpoint_dir_name(step: int) -> str:
+    """<storage>/<run name>/checkpoint_<step>/: sorted by name is sorted by step."""
+    return f"checkpoint_{step:07d}"
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
@@ -109,12 +111,12 @@ class Job:
 
 
 def _load_model(job: Job, ds_config: dict[str, Any] | None) -> Any:
-    """The model to train (LoRA applied), on CPU. Under ZeRO-3 it is loaded already
-    partitioned (HfDeepSpeedConfig makes from_pretrained use deepspeed.zero.Init), so no rank
-    ever holds the whole model."""
+    """The model to train (LoRA applied), on CPU (on its GPU when quantized). Under ZeRO-3
+    it is loaded already partitioned (HfDeepSpeedConfig makes from_pretrained use
+    deepspeed.zero.Init), so no rank ever holds the whole model."""
     import torch
 
-    from ray_pipeline.train.model import apply_lora, load_pretrained, weights_dtype
+    from ray_pipeline.train.model import apply_lora, load_pretrained, quantization, weights_dtype
 
     train = job.train
     torch.manual_seed(job.seed)  # LoRA init: the same on every rank
@@ -127,8 +129,20 @@ def _load_model(job: Job, ds_config: dict[str, Any] | None) -> Any:
         keep_alive = HfDeepSpeedConfig(ds_config)
     kind = train.student.kind
     model = load_pretrained(
-        job.model_source, weights_dtype(train), kind, job.meta.get("labels"), job.pad_id
+        job.model_source,
+        weights_dtype(train),
+        kind,
+        job.meta.get("labels"),
+        job.pad_id,
+        quantization_config=quantization(train),
     )
+    # No key/value cache in training: it is never reused, and transformers only keeps packed
+    # examples apart (position ids restarting) when there is none.
+    model.config.use_cache = False
+    if train.lora.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
     if train.method == "lora":
         model = apply_lora(model, train.lora, kind)
     del keep_alive
@@ -140,7 +154,9 @@ def _optimizer_and_schedule(model: Any, job: Job) -> tuple[Any, Any]:
 
     train = job.train
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=train.peak_learning_rate, weight_decay=train.weight_decay
+    )
     warmup = round(train.warmup_ratio * job.total_steps)
 
     def schedule(opt: Any) -> Any:
@@ -149,6 +165,43 @@ def _optimizer_and_schedule(model: Any, job: Job) -> tuple[Any, Any]:
         )
 
     return optimizer, schedule
+
+
+SOFT_KEYS = frozenset({"soft_probs", "soft_mask", "soft_ids", "soft_logprobs"})
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its soft targets: what the model's forward takes."""
+    return {k: v for k, v in batch.items() if k not in SOFT_KEYS}
+
+
+def forward_loss(model: Any, batch: dict[str, Any], train: TrainSection) -> Any:
+    """The training loss of a batch: the cross-entropy on the teacher's answer, mixed with the
+    divergence from the teacher's distribution when logit distillation is on
+    ((1 - w) x CE + w x divergence, w = train.distill.weight)."""
+    out = model(**model_inputs(batch))
+    distill = train.distill
+    if distill.weight == 0 or not SOFT_KEYS & batch.keys():
+        return out.loss
+    from ray_pipeline.train.soft_targets import class_soft_loss, soft_target_loss
+
+    if "soft_probs" in batch:
+        divergence = class_soft_loss(
+            out.logits, batch["soft_probs"], batch["soft_mask"], distill.kind, distill.temperature
+        )
+    else:
+        # The logits at position t are the student's distribution for token t + 1.
+        ids, logprobs = batch["soft_ids"][:, 1:], batch["soft_logprobs"][:, 1:]
+        where = ids[..., 0] >= 0
+        divergence = soft_target_loss(
+            out.logits[:, :-1][where],
+            ids[where],
+            logprobs[where],
+            where[where],
+            distill.kind,
+            distill.temperature,
+        )
+    return (1 - distill.weight) * out.loss + distill.weight * divergence
 
 
 class DeepSpeedEngine:
@@ -167,8 +220,10 @@ class DeepSpeedEngine:
             lr_scheduler=schedule,
             config=ds_config,
         )
+        self.train_cfg = job.train
         self.zero3 = job.train.deepspeed.zero_stage == 3
         self.device = self.engine.device
+        self.grad_norm: float | None = None
 
     @property
     def module(self) -> Any:
@@ -179,17 +234,30 @@ class DeepSpeedEngine:
 
     def train_step(self, batch: dict[str, Any]) -> tuple[Any, bool]:
         """Forward + backward of one micro-batch; returns (loss, whether the optimizer stepped)."""
-        loss = self.engine(**batch).loss
+        loss = forward_loss(self.engine, batch, self.train_cfg)
         self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
         stepped = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()  # only updates weights (and the schedule) on a boundary
+        if stepped:
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = None if norm is None else float(norm)
         return loss.detach(), stepped
 
     def eval_loss(self, batch: dict[str, Any]) -> Any:
-        return self.engine(**batch).loss.detach()
+        return self.engine(**model_inputs(batch)).loss.detach()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, directory: Path) -> None:
+        """Every rank writes its part (ZeRO shards optimizer state, ZeRO-3 the weights too):
+        Ray Train merges the ranks' directories into one checkpoint."""
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
+
+    def load_state(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state in {directory / 'deepspeed'}")
 
 
 class TorchEngine:
@@ -201,7 +269,11 @@ class TorchEngine:
         import torch
 
         self.train_cfg = job.train
-        self.model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
+        # to the device (a 4-bit model is placed when loaded and cannot be moved); DDP when
+        # there are several workers.
+        self.model = ray.train.torch.prepare_model(
+            model, move_to_device=not job.train.lora.load_in_4bit
+        )
         self.device = ray.train.torch.get_device()
         self.optimizer, schedule = _optimizer_and_schedule(model, job)
         self.scheduler = schedule(self.optimizer)
@@ -213,6 +285,7 @@ class TorchEngine:
         )
         self.zero3 = False
         self.micro_steps = 0
+        self.grad_norm: float | None = None
 
     @property
     def module(self) -> Any:
@@ -242,16 +315,16 @@ class TorchEngine:
         )
         with sync:
             with self._autocast():
-                loss = self.model(**batch).loss
+                loss = forward_loss(self.model, batch, self.train_cfg)
             scaled = loss / accumulate
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if boundary:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            if self.train_cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    self.module.parameters(), self.train_cfg.max_grad_norm
-                )
+            # The norm is measured either way (an infinite limit clips nothing).
+            limit = self.train_cfg.max_grad_norm or float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), limit)
+            self.grad_norm = norm
             if self.scaler:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -263,10 +336,49 @@ class TorchEngine:
 
     def eval_loss(self, batch: dict[str, Any]) -> Any:
         with self._autocast():
-            return self.model(**batch).loss.detach()
+            return self.model(**model_inputs(batch)).loss.detach()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, directory: Path) -> None:
+        """Rank 0 writes weights, optimizer, schedule and loss scale (DDP keeps every rank's
+        copy identical)."""
+        import ray.train
+        import torch
+
+        if ray.train.get_context().get_world_rank() != 0:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        state = {
+            # Frozen weights never change: the student files (or the base) hold them.
+            "model": {k: v for k, v in self.module.state_dict().items() if k in trainable},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "micro_steps": self.micro_steps,
+        }
+        torch.save(state, directory / "torch_engine.pt")
+
+    def load_state(self, directory: Path) -> None:
+        import torch
+
+        state = torch.load(directory / "torch_engine.pt", map_location=self.device)
+        missing = {n for n, p in self.module.named_parameters() if p.requires_grad} - set(
+            state["model"]
+        )
+        if missing:
+            raise ValueError(
+                f"checkpoint {directory} does not match this model: it lacks "
+                f"{len(missing)} trainable weight(s), e.g. {sorted(missing)[0]}"
+            )
+        self.module.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.micro_steps = state["micro_steps"]
 
 
 def _setup_engine(job: Job, world_size: int, rank: int) -> DeepSpeedEngine | TorchEngine:
@@ -288,12 +400,15 @@ def _setup_engine(job: Job, world_size: int, rank: int) -> DeepSpeedEngine | Tor
     if rank == 0:
         trainable, total = count_parameters(engine.module)
         log.info(
-            "model %s (%s) on %d workers: %s of %s parameters trainable",
+            "model %s (%s) on %d workers: %s of %s parameters trainable; peak lr %.3g "
+            "(effective batch %d)",
             job.meta.get("base_model"),
             train.method,
             world_size,
             f"{trainable:,}",
             f"{total:,}",
+            train.peak_learning_rate,
+            train.effective_batch,
         )
     return engine
 
@@ -310,18 +425,7 @@ def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
     return t.tolist()
 
 
-def _batch_counts(batch: dict[str, Any]) -> tuple[int, int, int]:
-    """(examples, non-pad tokens, loss targets) of a batch, counted on the CPU copy (no device
-    sync). A causal LM's targets are the labels after the causal shift (HF drops each
-    sequence's first label), i.e. what the loss averages over; a classifier's, its examples."""
-    examples = int(batch["input_ids"].shape[0])
-    tokens = int(batch["attention_mask"].sum())
-    labels = batch["labels"]
-    target = examples if labels.dim() == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return examples, tokens, target
-
-
-def _pick(values: list[Any], index: list[int]) -> Any:
+def _pick(values: Any, index: list[int]) -> Any:
     """values[index] as a 1-D object array (np.array would make rows of equal length 2-D)."""
     import numpy as np
 
@@ -338,146 +442,236 @@ GROUP_WINDOW_BATCHES = 16
 
 def _batches(
     shard: Any,
-    collate: PadCollate,
     batch_size: int,
+    pad_id: int,
     device: Any,
+    *,
     group_seed: int | None = None,
+    pack_to: int | None = None,
+    skip: int = 0,
     **shuffle: Any,
-) -> Iterator[tuple[dict[str, Any], tuple[int, int, int]]]:
-    """(batch on device, its counts) from a worker's dataset shard. With a `group_seed`, each
-    window of GROUP_WINDOW_BATCHES batches is cut into batches of similar length
-    (``data.length_grouped_batches``): the same examples, far less padding."""
-    if group_seed is None:
-        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, **shuffle):
-            counts = _batch_counts(batch)
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, counts
-        return
+) -> Iterator[tuple[dict[str, Any] | None, BatchCounts | None]]:
+    """(batch on device, its counts) from a worker's dataset shard, `batch_size` examples
+    each; the first `skip` come as (None, None), not even collated (resuming mid-epoch).
 
+    With a `group_seed`, each window of GROUP_WINDOW_BATCHES batches is cut into batches of
+    similar length (``data.length_grouped_batches``): the same examples, far less padding.
+    With `pack_to`, each batch's examples are packed into rows of that many tokens.
+    Whole windows give only full batches and the rest comes last, so every worker makes
+    exactly ceil(rows / batch_size) batches, as schedule_steps planned (DDP and DeepSpeed need
+    the same number of steps on every rank), however the shard's batches arrive.
+    """
     rng = random.Random(group_seed)
-    window_rows = batch_size * GROUP_WINDOW_BATCHES
+    window_rows = batch_size * (GROUP_WINDOW_BATCHES if group_seed is not None else 1)
+    made = 0
 
-    def grouped(rows: dict[str, list]) -> Iterator[tuple[dict[str, Any], tuple[int, int, int]]]:
-        lengths = [len(ids) for ids in rows["input_ids"]]
-        for index in length_grouped_batches(lengths, batch_size, rng):
-            batch = collate({k: _pick(v, index) for k, v in rows.items()})
-            yield (
-                {k: v.to(device, non_blocking=True) for k, v in batch.items()},
-                _batch_counts(batch),
-            )
+    def cut(rows: dict[str, Any]) -> Iterator[tuple[dict[str, Any] | None, BatchCounts | None]]:
+        nonlocal made
+        n = len(rows["input_ids"])
+        if group_seed is None:
+            groups = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+        else:
+            lengths = [len(ids) for ids in rows["input_ids"]]
+            groups = length_grouped_batches(lengths, batch_size, rng)
+        for index in groups:
+            made += 1
+            if made <= skip:
+                yield None, None
+                continue
+            batch, counts = collate({k: _pick(v, index) for k, v in rows.items()}, pad_id, pack_to)
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, counts
 
-    # Whole windows give only full batches; the rest comes last: every worker makes exactly
-    # ceil(rows / batch_size) batches, as schedule_steps planned (DDP and DeepSpeed need the
-    # same number of steps on every rank), however the shard's batches arrive.
     buffer: dict[str, list] = {}
     for part in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle):
         for k, v in part.items():
             buffer.setdefault(k, []).extend(v)
         if len(buffer["input_ids"]) >= window_rows:
-            yield from grouped({k: v[:window_rows] for k, v in buffer.items()})
+            yield from cut({k: v[:window_rows] for k, v in buffer.items()})
             buffer = {k: v[window_rows:] for k, v in buffer.items()}
     if buffer.get("input_ids"):
-        yield from grouped(buffer)
+        yield from cut(buffer)
 
 
 # ---------------------------------------------------------------------- train / eval
-def _evaluate(
-    engine: DeepSpeedEngine | TorchEngine, shard: Any, collate: PadCollate, batch_size: int
-) -> float | None:
+def _evaluate(engine: DeepSpeedEngine | TorchEngine, shard: Any, job: Job) -> float | None:
     """Validation loss per target token over every worker's shard (None without val rows)."""
     import torch
 
     engine.set_train(False)
-    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=engine.device), 0
+    loss_sum, targets = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     with torch.no_grad():
-        for batch, (_, _, n) in _batches(shard, collate, batch_size, engine.device):
-            loss_sum += engine.eval_loss(batch).double() * n
-            tokens += n
+        batches = _batches(shard, job.train.batch_size, job.pad_id, engine.device)
+        for batch, counts in batches:
+            loss_sum += engine.eval_loss(batch).double() * counts.targets
+            targets += counts.targets
     engine.set_train(True)
-    total_loss, total_tokens = _all_reduce_sum([float(loss_sum), tokens], engine.device)
-    return total_loss / total_tokens if total_tokens else None
+    total_loss, total_targets = _all_reduce_sum([float(loss_sum), targets], engine.device)
+    return total_loss / total_targets if total_targets else None
 
 
 @dataclass
 class Progress:
-    """Counters over the whole run (this worker's share; totals are all-reduced at reports)."""
+    """Where training stands, saved in every checkpoint. Counters are this worker's share
+    until an epoch ends, then all workers' (all-reduced)."""
 
     steps: int = 0  # optimizer steps (the same on every worker)
+    epoch: int = 0  # the epoch in progress (0-based)
+    micro_batches: int = 0  # micro-batches of `epoch` already trained
     examples: int = 0
     tokens: int = 0
     target_tokens: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    truncated: int = 0  # examples cut at max_seq_len in the latest full epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch
+    step_log: list[dict[str, Any]] = field(default_factory=list)  # one per logged step
+    resumed_from: list[int] = field(default_factory=list)  # steps this run resumed at
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> Progress:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class Window:
+    """Sums over the micro-batches since the last logged step."""
+
+    started: float = field(default_factory=time.perf_counter)
+    loss: float = 0.0
+    targets: int = 0
+    examples: int = 0
+    tokens: int = 0
+    positions: int = 0
+
+
+def _log_step(
+    engine: DeepSpeedEngine | TorchEngine,
+    window: Window,
+    loss_sum: Any,
+    progress: Progress,
+    job: Job,
+    rank: int,
+) -> dict[str, Any]:
+    """All workers' loss and throughput over the window (a collective: every rank calls it at
+    the same step), appended to progress.step_log and logged by rank 0."""
+    seconds = time.perf_counter() - window.started
+    loss, targets, examples, tokens, positions = _all_reduce_sum(
+        [float(loss_sum), window.targets, window.examples, window.tokens, window.positions],
+        engine.device,
+    )
+    entry = {
+        "step": progress.steps,
+        "epoch": progress.epoch + 1,
+        "loss": loss / targets if targets else None,
+        "lr": engine.lr(),
+        "grad_norm": None if engine.grad_norm is None else float(engine.grad_norm),
+        "seconds": round(seconds, 4),
+        "tokens": int(tokens),
+        "examples_per_s": round(examples / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        # Share of computed positions that are real tokens (the rest is padding).
+        "token_efficiency": round(tokens / positions, 3) if positions else None,
+    }
+    progress.step_log.append(entry)
+    if rank == 0:
+        log.info(
+            "epoch %d step %d/%d loss %.4f lr %.2e grad_norm %s tokens/s %.0f examples/s %.1f",
+            entry["epoch"],
+            entry["step"],
+            job.total_steps,
+            entry["loss"] if entry["loss"] is not None else float("nan"),
+            entry["lr"],
+            "n/a" if entry["grad_norm"] is None else f"{entry['grad_norm']:.3f}",
+            entry["tokens_per_s"],
+            entry["examples_per_s"],
+        )
+    return entry
 
 
 def _train_epoch(
     engine: DeepSpeedEngine | TorchEngine,
     shard: Any,
-    collate: PadCollate,
     job: Job,
-    epoch: int,
     progress: Progress,
     rank: int,
+    checkpoint: Any,
 ) -> dict[str, Any]:
-    """One pass over this worker's shard (or until max_steps); returns the epoch's metrics,
+    """One pass over this worker's shard (or until max_steps), from progress.micro_batches on;
+    calls `checkpoint()` every checkpoint_every_steps steps. Returns the epoch's metrics,
     summed over all workers."""
     import torch
 
     train = job.train
+    epoch = progress.epoch
     engine.set_train(True)
-    started = window_start = time.perf_counter()
+    started = time.perf_counter()
     # Losses are summed on the device and read back only when logged: reading one per step
     # would stall a GPU on every step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     window_loss = torch.zeros_like(loss_sum)
-    examples = tokens = target = window_n = window_examples = 0
+    window = Window()
+    examples = tokens = targets = truncated = 0
+    seed = job.seed * 1_000_003 + epoch * 1009 + rank
     batches = _batches(
         shard,
-        collate,
         train.batch_size,
+        job.pad_id,
         engine.device,
-        group_seed=(job.seed * 1_000_003 + epoch * 1009 + rank) if train.group_by_length else None,
+        group_seed=seed if train.group_by_length and not train.packing else None,
+        pack_to=train.max_seq_len if train.packing else None,
+        skip=progress.micro_batches,
         # Each epoch (and worker) sees its rows in a different, reproducible order.
         local_shuffle_buffer_size=train.batch_size * 8,
-        local_shuffle_seed=job.seed * 1_000_003 + epoch * 1009 + rank,
+        local_shuffle_seed=seed,
     )
-    for batch, (n_ex, n_tok, n_target) in batches:
+    due = False  # a checkpoint is due: taken before the next micro-batch, or at epoch end
+    for batch, counts in batches:
+        if batch is None or counts is None:
+            continue  # trained before the checkpoint this run resumed from
+        if due:
+            checkpoint()
+            due = False
         loss, stepped = engine.train_step(batch)
-        weighted = loss.double() * n_target
+        progress.micro_batches += 1
+        weighted = loss.double() * counts.targets
         loss_sum += weighted
         window_loss += weighted
-        examples, tokens, target = examples + n_ex, tokens + n_tok, target + n_target
-        window_n, window_examples = window_n + n_target, window_examples + n_ex
+        examples, tokens = examples + counts.examples, tokens + counts.tokens
+        targets, truncated = targets + counts.targets, truncated + counts.truncated
+        window.targets += counts.targets
+        window.examples += counts.examples
+        window.tokens += counts.tokens
+        window.positions += counts.positions
         if not stepped:
             continue
         progress.steps += 1
-        if rank == 0 and progress.steps % train.log_every_steps == 0:
-            elapsed = time.perf_counter() - window_start
-            log.info(
-                "epoch %d step %d/%d loss %.4f lr %.2e examples/s %.1f (this worker)",
-                epoch + 1,
-                progress.steps,
-                job.total_steps,
-                float(window_loss) / max(window_n, 1),
-                engine.lr(),
-                window_examples / max(elapsed, 1e-9),
-            )
+        if progress.steps % train.log_every_steps == 0:
+            _log_step(engine, window, window_loss, progress, job, rank)
             window_loss.zero_()
-            window_n, window_examples, window_start = 0, 0, time.perf_counter()
+            window = Window()
+        due = bool(train.checkpoint_every_steps) and (
+            progress.steps % train.checkpoint_every_steps == 0
+        )
         if train.max_steps and progress.steps >= train.max_steps:
             break
     seconds = time.perf_counter() - started
-    loss_sum, examples, tokens, target = _all_reduce_sum(
-        [float(loss_sum), examples, tokens, target], engine.device
+    loss_sum, examples, tokens, targets, truncated = _all_reduce_sum(
+        [float(loss_sum), examples, tokens, targets, truncated], engine.device
     )
     progress.examples += int(examples)
     progress.tokens += int(tokens)
-    progress.target_tokens += int(target)
+    progress.target_tokens += int(targets)
+    # Skipped micro-batches (resuming) are not counted: the largest epoch's count is kept.
+    progress.truncated = max(progress.truncated, int(truncated))
     return {
         "epoch": epoch + 1,
-        "train_loss": loss_sum / target if target else None,
+        "train_loss": loss_sum / targets if targets else None,
         "steps": progress.steps,
         "examples": int(examples),
         "epoch_seconds": round(seconds, 3),
         "examples_per_s": round(examples / seconds, 2) if seconds else None,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
         "lr": engine.lr(),
     }
 
@@ -485,12 +679,13 @@ def _train_epoch(
 def _save_checkpoint(
     engine: DeepSpeedEngine | TorchEngine,
     job: Job,
+    progress: Progress,
     metrics: dict[str, Any],
     rank: int,
-    out_dir: str,
+    out_dir: Path,
 ) -> None:
-    """Write the checkpoint directory on rank 0; under ZeRO-3 every rank takes part in
-    gathering the weights."""
+    """The student (rank 0; under ZeRO-3 every rank takes part in gathering the weights) and
+    the training state (every rank its part) into `out_dir`."""
     from transformers import AutoTokenizer
 
     from ray_pipeline.train.checkpoint import gathered_state_dict, save_checkpoint
@@ -499,17 +694,65 @@ def _save_checkpoint(
     state = gathered_state_dict(
         engine.module, trainable_only=train.method == "lora", zero3=engine.zero3, writer=rank == 0
     )
+    engine.save_state(out_dir / TRAIN_STATE_DIR)
     if rank != 0:
         return
+    (out_dir / TRAIN_STATE_DIR / PROGRESS_FILE).write_text(progress.to_json())
     save_checkpoint(
         out_dir,
         model=engine.module,
         state_dict=state,
         tokenizer=AutoTokenizer.from_pretrained(job.tokenizer_dir),
         method=train.method,
-        meta={**job.meta, "metrics": metrics},
+        meta={
+            **job.meta,
+            "metrics": {k: v for k, v in metrics.items() if k not in ("history", "step_log")},
+        },
         base_dir=job.base_dir if train.method == "lora" else None,
     )
+
+
+def _report(
+    engine: DeepSpeedEngine | TorchEngine,
+    job: Job,
+    progress: Progress,
+    metrics: dict[str, Any],
+    rank: int,
+) -> None:
+    """Checkpoint and report (every rank calls it at the same step). Every rank hands Ray its
+    directory (DeepSpeed writes a part on each); Ray merges them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="distill-ckpt-") as tmp:
+        _save_checkpoint(engine, job, progress, metrics, rank, Path(tmp))
+        has_files = any(Path(tmp).iterdir())
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
+            checkpoint_dir_name=checkpoint_dir_name(progress.steps),
+        )
+
+
+def _resume(engine: DeepSpeedEngine | TorchEngine, rank: int) -> Progress:
+    """The progress (and engine state) of the newest checkpoint, or a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as directory:
+        state = Path(directory) / TRAIN_STATE_DIR
+        progress = Progress.from_json((state / PROGRESS_FILE).read_text())
+        engine.load_state(state)
+    progress.resumed_from.append(progress.steps)
+    if rank == 0:
+        log.info(
+            "resuming from step %d (epoch %d, %d micro-batches into it)",
+            progress.steps,
+            progress.epoch + 1,
+            progress.micro_batches,
+        )
+    return progress
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -517,48 +760,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     job = Job.from_config(config)
-    _setup_process(job.train)
+    train = job.train
+    _setup_process(train)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     engine = _setup_engine(job, world, rank)
-    collate = PadCollate(job.pad_id)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if job.val_rows else None
-    progress = Progress()
-    for epoch in range(job.train.epochs):
-        metrics = _train_epoch(engine, train_shard, collate, job, epoch, progress, rank)
-        metrics["val_loss"] = (
-            _evaluate(engine, val_shard, collate, job.train.batch_size) if val_shard else None
+    progress = _resume(engine, rank)
+
+    def step_checkpoint() -> None:
+        _report(engine, job, progress, {"steps": progress.steps, "epoch": progress.epoch + 1}, rank)
+
+    def done() -> bool:
+        return progress.epoch >= train.epochs or bool(
+            train.max_steps and progress.steps >= train.max_steps
         )
+
+    while not done():
+        metrics = _train_epoch(engine, train_shard, job, progress, rank, step_checkpoint)
+        metrics["val_loss"] = _evaluate(engine, val_shard, job) if val_shard else None
         metrics.update(tokens=progress.tokens, target_tokens=progress.target_tokens)
         progress.history.append(metrics)
+        progress.epoch += 1
+        progress.micro_batches = 0
         if rank == 0:
             log.info(
-                "epoch %d done: train_loss %.4f val_loss %s steps %d examples/s %s",
+                "epoch %d done: train_loss %s val_loss %s steps %d examples/s %s",
                 metrics["epoch"],
-                metrics["train_loss"],
+                "n/a" if metrics["train_loss"] is None else f"{metrics['train_loss']:.4f}",
                 "n/a" if metrics["val_loss"] is None else f"{metrics['val_loss']:.4f}",
                 metrics["steps"],
                 metrics["examples_per_s"],
             )
-        last = epoch == job.train.epochs - 1 or bool(
-            job.train.max_steps and progress.steps >= job.train.max_steps
-        )
-        if not last:
-            ray.train.report(metrics)
-            continue
         final = {
             **metrics,
-            "epochs": epoch + 1,
+            "epochs": progress.epoch,
             "train_rows": job.train_rows,
             "val_rows": job.val_rows,
             "examples_seen": progress.examples,
-            "history": progress.history,
+            "truncated": progress.truncated,
+            "resumed_from": progress.resumed_from,
+            "finished": done(),
         }
-        with tempfile.TemporaryDirectory(prefix="distill-ckpt-") as tmp:
-            _save_checkpoint(
-                engine, job, {k: v for k, v in final.items() if k != "history"}, rank, tmp
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-            ray.train.report(final, checkpoint=checkpoint, checkpoint_dir_name=CHECKPOINT_DIR_NAME)
-        break
+        if done():
+            final.update(history=progress.history, step_log=progress.step_log)
+        # Epoch-end checkpoint: a restart after it goes on with the next epoch.
+        _report(engine, job, progress, final, rank)

@@ -72,12 +72,38 @@ def weights_dtype(train: TrainSection) -> torch.dtype:
     return torch.bfloat16 if train.use_gpu and train.precision == "bf16" else torch.float32
 
 
+def quantization(train: TrainSection) -> Any:
+    """The QLoRA quantization config (4-bit NF4 weights, bf16 compute, double quantization:
+    the QLoRA paper's settings) when lora.load_in_4bit, else None. bitsandbytes quantizes on
+    CUDA only: without it or a GPU this is a clear error, not a silent fp32 run."""
+    if not train.lora.load_in_4bit:
+        return None
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(
+            "train.lora.load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes"
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.lora.load_in_4bit (QLoRA) needs a CUDA GPU on every worker")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
 def load_pretrained(
     name_or_path: str,
     dtype: torch.dtype | None = None,
     kind: str = CAUSAL_LM,
     labels: list[str] | None = None,
     pad_id: int | None = None,
+    quantization_config: Any = None,
 ) -> Any:
     """A student from the hub or a local directory (the path users take with real models): a
     causal LM, or a sequence classifier over `labels` (a new head, or the saved one when the
@@ -85,10 +111,19 @@ def load_pretrained(
     (HfDeepSpeedConfig) transformers loads it partitioned across ranks instead of whole."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    extra: dict[str, Any] = {}
+    if quantization_config is not None:
+        import torch
+
+        # 4-bit weights are quantized as they load, onto this worker's GPU.
+        extra = {
+            "quantization_config": quantization_config,
+            "device_map": {"": torch.cuda.current_device()},
+        }
     if kind != CLASSIFIER:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra)
     model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, dtype=dtype, **label_maps(labels or [])
+        name_or_path, dtype=dtype, **label_maps(labels or []), **extra
     )
     if model.config.pad_token_id is None and pad_id is not None:
         # Decoder classifiers read the last non-pad token: they must know the pad id.

@@ -12,9 +12,9 @@ student), tokenizer/, student_base/ (tiny only) and loss.png.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,18 +36,26 @@ HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 @dataclass
 class Prepared:
     """What every training run on one dataset shares; built once by the driver (the sweep
-    ships it to its trials through the object store)."""
+    ships it to its trials through the object store). The driver reads only the row ids and
+    the validation rows: Ray Data reads and tokenizes the training rows (``make_datasets``)."""
 
-    train_examples: list[Example]
-    val_examples: list[Example]
-    encoded: dict[str, dict[str, list[int]]]  # example id -> {"input_ids", "labels"}
+    dataset: str  # the curated Parquet directory
+    dataset_bytes: int  # its size on disk (for data_loading: auto)
+    train_ids: list[str]  # the training rows' ids (counts of subsets)
+    val_examples: list[Example]  # validation rows: the validation loss and the threshold
+    tokenizer: Any  # shipped to the tokenization tasks and the workers
     tokenizer_dir: str
     model_source: str  # what workers load the weights from (a directory or a hub id)
     base_dir: str | None  # tiny student: its saved random base, copied into LoRA checkpoints
     base_model: str  # "tiny" or the hub id / absolute path, recorded in the checkpoint
     pad_id: int
-    truncated: int  # examples cut at max_seq_len
     lineage: dict[str, Any]  # kind, manifest, dataset hash, task labels: into every checkpoint
+
+    def train_rows(self, fraction: float, seed: int) -> int:
+        """Training rows in the `fraction` subset (``data.in_subset``)."""
+        from ray_pipeline.train.data import in_subset
+
+        return sum(in_subset(i, fraction, seed) for i in self.train_ids)
 
 
 def curated_dataset(run: Run) -> tuple[str, str]:
@@ -107,55 +115,58 @@ def _check_positions(model: str, max_seq_len: int) -> None:
 
 
 def prepare(run: Run, out_dir: Path) -> Prepared:
-    """Read, split and tokenize the curated dataset; make the tokenizer and (tiny) base model
-    under `out_dir`."""
+    """Split the curated dataset by row id, read the validation rows, make the tokenizer (and
+    the tiny base model) under `out_dir`. Tokenizing is Ray Data's (``make_datasets``)."""
+    import pyarrow.parquet as pq
+
     from ray_pipeline.data.manifest import read_manifest
-    from ray_pipeline.train.data import (
-        encode_classifier_examples,
-        encode_examples,
-        load_examples,
-        split_examples,
-    )
-    from ray_pipeline.train.model import CLASSIFIER
+    from ray_pipeline.train.data import in_split, load_examples
 
     train, task = run.cfg.train, run.cfg.task
     dataset, manifest_path = curated_dataset(run)
-    examples = load_examples(dataset, train.target)
-    train_examples, val_examples = split_examples(examples, train.val_fraction)
+    if not Path(dataset).exists():
+        raise FileNotFoundError(f"curated dataset {dataset} does not exist; run `distill curate`")
+    ids = [str(i) for i in pq.read_table(dataset, columns=["id"]).column("id").to_pylist()]
+    train_ids = [i for i in ids if in_split(i, "train", train.val_fraction)]
+    if not train_ids:
+        raise ValueError(
+            f"curated dataset {dataset}: no training rows left of {len(ids)} after holding out "
+            f"train.val_fraction={train.val_fraction}"
+        )
+    soft_rows = _check_soft_targets(dataset, len(ids)) if train.distill.weight > 0 else 0
+    val_ids = set(ids) - set(train_ids)
+    val_examples = load_examples(dataset, train.target, only=val_ids) if val_ids else []
+    # The tiny student's tokenizer is trained on the training texts: only then are they read
+    # here (the test student, on small data).
+    corpus = (
+        load_examples(dataset, train.target, only=set(train_ids))
+        if train.student.model == "tiny"
+        else []
+    )
     tokenizer, model_source, base_dir, base_model = _student_assets(
-        train, train_examples, out_dir, run.cfg.run.seed, task.labels
+        train, corpus, out_dir, run.cfg.run.seed, task.labels
     )
     tokenizer_dir = out_dir / "tokenizer"
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
     tokenizer.save_pretrained(tokenizer_dir)
-    everything = train_examples + val_examples
-    truncated = 0
-    if train.student.kind == CLASSIFIER:
-        rows, truncated = encode_classifier_examples(
-            tokenizer, everything, train.max_seq_len, task.labels
-        )
-    else:
-        rows = encode_examples(tokenizer, everything, train.max_seq_len)
-    encoded = dict(zip((ex.id for ex in everything), rows, strict=True))
     manifest = read_manifest(manifest_path)
     log.info(
-        "dataset %s: %d training rows, %d validation rows, %d cut at max_seq_len %d",
+        "dataset %s: %d training rows, %d validation rows",
         dataset,
-        len(train_examples),
+        len(train_ids),
         len(val_examples),
-        truncated,
-        train.max_seq_len,
     )
     return Prepared(
-        train_examples=train_examples,
+        dataset=dataset,
+        dataset_bytes=sum(f.stat().st_size for f in Path(dataset).rglob("*.parquet")),
+        train_ids=train_ids,
         val_examples=val_examples,
-        encoded=encoded,
+        tokenizer=tokenizer,
         tokenizer_dir=str(tokenizer_dir),
         model_source=model_source,
         base_dir=base_dir,
         base_model=base_model,
         pad_id=tokenizer.pad_token_id,
-        truncated=truncated,
         lineage={
             "kind": train.student.kind,
             "manifest": manifest_path,
@@ -163,6 +174,7 @@ def prepare(run: Run, out_dir: Path) -> Prepared:
             "dataset_content_sha256": manifest.get("content_sha256"),
             "label_key": task.label_key,
             "labels": task.labels,
+            "label_aliases": task.label_aliases,
             "task": task.name,
             # How a served classifier finds the input inside a chat request.
             "prompt": {
@@ -171,16 +183,29 @@ def prepare(run: Run, out_dir: Path) -> Prepared:
                 "system": task.prompt.system,
             },
             "pad_id": tokenizer.pad_token_id,
+            "rows_with_teacher_logprobs": soft_rows,
         },
     )
 
 
+def _check_soft_targets(dataset: str, rows: int) -> int:
+    """How many rows have the teacher's logprobs; logit distillation needs some."""
+    import pyarrow.parquet as pq
+
+    column = pq.read_table(dataset, columns=["teacher_logprobs"]).column("teacher_logprobs")
+    with_logprobs = rows - column.null_count
+    if with_logprobs == 0:
+        raise ValueError(
+            f"train.distill.weight > 0, but none of the {rows} rows of {dataset} has the "
+            "teacher's logprobs: set teacher.top_logprobs (with a teacher that returns them) "
+            "and run generate again, or set train.distill.weight: 0"
+        )
+    log.info("logit distillation: %d of %d rows have the teacher's logprobs", with_logprobs, rows)
+    return with_logprobs
+
+
 def worker_config(
-    prepared: Prepared,
-    train: TrainSection,
-    train_examples: list[Example],
-    num_workers: int,
-    seed: int,
+    prepared: Prepared, train: TrainSection, train_rows: int, num_workers: int, seed: int
 ) -> dict[str, Any]:
     """The train_loop_config every worker gets (``loop.Job``): plain, picklable data."""
     from ray_pipeline.train.loop import schedule_steps
@@ -191,30 +216,115 @@ def worker_config(
         "tokenizer_dir": prepared.tokenizer_dir,
         "base_dir": prepared.base_dir,
         "pad_id": prepared.pad_id,
-        "total_steps": schedule_steps(train, len(train_examples), num_workers),
+        "total_steps": schedule_steps(train, train_rows, num_workers),
         "seed": seed,
-        "train_rows": len(train_examples),
+        "train_rows": train_rows,
         "val_rows": len(prepared.val_examples),
         "meta": {
             "base_model": prepared.base_model,
             **prepared.lineage,
             "train": train.model_dump(mode="json"),
-            "train_rows": len(train_examples),
+            "train_rows": train_rows,
             "seed": seed,
         },
     }
 
 
-def _dataset(rows: list[dict[str, Any]]) -> Any:
-    """An in-memory Ray Dataset without progress bars: bars for a dataset that streams in
-    a second, re-drawn every epoch by every worker, only bury the training log. (A dataset
-    keeps a copy of the DataContext it was made under.)"""
+# Ray Data's read and tokenize tasks: a quarter CPU each, so they still run beside workers
+# that reserve nearly every CPU of a small machine.
+DATA_TASK_CPUS = 0.25
+# data_loading auto: below this much Parquet, reading it once beats reading it every epoch.
+MATERIALIZE_BELOW_BYTES = 256 * 2**20
+
+
+def data_loading_mode(train: TrainSection, dataset_bytes: int, workers_cpus: float) -> str:
+    """'stream' or 'materialize' for train.data_loading (see its description)."""
+    import ray
+
+    if train.data_loading != "auto":
+        return train.data_loading
+    free = ray.cluster_resources().get("CPU", 0.0) - workers_cpus
+    return "materialize" if free < 1 or dataset_bytes < MATERIALIZE_BELOW_BYTES else "stream"
+
+
+def _encode_table(batch: dict[str, Any], **kwargs: Any) -> Any:
+    """``data.encode_rows`` as a pyarrow table of fixed types: a batch with no rows of its
+    split must not give Ray Data a column of unknown type."""
+    import pyarrow as pa
+
+    from ray_pipeline.train.data import encode_rows
+
+    rows = encode_rows(batch, **kwargs)
+    ids = pa.list_(pa.int32())
+    classifier = kwargs["kind"] == "classifier"
+    fields = [
+        ("input_ids", ids),
+        ("labels", pa.int64() if classifier else ids),
+        ("truncated", pa.bool_()),
+    ]
+    if kwargs["soft_targets"]:
+        fields += (
+            [("soft_probs", pa.list_(pa.float32())), ("soft_mask", pa.bool_())]
+            if classifier
+            else [
+                ("soft_ids", pa.list_(pa.list_(pa.int32()))),
+                ("soft_logprobs", pa.list_(pa.list_(pa.float32()))),
+            ]
+        )
+    return pa.table(rows, schema=pa.schema(fields))
+
+
+def make_datasets(
+    prepared: Prepared, train: TrainSection, *, fraction: float, seed: int, mode: str
+) -> dict[str, Any]:
+    """{"train", "val"} Ray Datasets of tokenized examples, read from the curated Parquet.
+
+    Ray Data reads and tokenizes in its own tasks (the tokenizer travels with them), the
+    training rows in a seeded random order. 'stream' leaves the datasets lazy: each epoch
+    reads again, block by block, as the workers consume it (the training rows in a seeded
+    random block order; each epoch shuffles further in a local buffer). 'materialize' runs
+    the pipeline once now, with a full seeded shuffle, into the object store."""
     import ray.data
 
+    from ray_pipeline.train.data import EXAMPLE_COLUMNS
+
     ctx = ray.data.DataContext.get_current()
+    # Bars for a dataset re-read every epoch by every worker bury the training log; a
+    # dataset keeps a copy of the DataContext it was made under.
     previous, ctx.enable_progress_bars = ctx.enable_progress_bars, False
     try:
-        return ray.data.from_items(rows)
+        datasets = {}
+        for split in ("train", "val"):
+            if split == "val" and not prepared.val_examples:
+                continue
+            ds = ray.data.read_parquet(
+                prepared.dataset, columns=list(EXAMPLE_COLUMNS), num_cpus=DATA_TASK_CPUS
+            ).map_batches(
+                _encode_table,
+                fn_kwargs={
+                    "split": split,
+                    "val_fraction": train.val_fraction,
+                    "tokenizer": prepared.tokenizer,
+                    "kind": train.student.kind,
+                    "max_seq_len": train.max_seq_len,
+                    "labels": prepared.lineage["labels"],
+                    "target": train.target,
+                    "fraction": fraction,
+                    "seed": seed,
+                    "soft_targets": train.distill.weight > 0,
+                    "aliases": prepared.lineage["label_aliases"],
+                },
+                batch_format="numpy",
+                num_cpus=DATA_TASK_CPUS,
+            )
+            if split == "train":
+                ds = (
+                    ds.random_shuffle(seed=seed, num_cpus=DATA_TASK_CPUS)
+                    if mode == "materialize"
+                    else ds.randomize_block_order(seed=seed)
+                )
+            datasets[split] = ds.materialize() if mode == "materialize" else ds
+        return datasets
     finally:
         ctx.enable_progress_bars = previous
 
@@ -222,50 +332,54 @@ def _dataset(rows: list[dict[str, Any]]) -> Any:
 def make_trainer(
     prepared: Prepared,
     train: TrainSection,
-    train_examples: list[Example],
+    datasets: dict[str, Any],
+    train_rows: int,
     *,
     num_workers: int,
-    storage_path: Path,
+    storage_path: str,
     name: str,
     seed: int,
     callbacks: list[Any] | None = None,
 ) -> Any:
-    """A TorchTrainer for `train` on `train_examples` (the validation rows are always all of
-    prepared.val_examples, so runs on subsets are compared on the same rows)."""
-    from ray.train import RunConfig, ScalingConfig
+    """A TorchTrainer for `train` on `datasets` (``make_datasets``; the validation rows are
+    always all of prepared.val_examples, so runs on subsets are compared on the same rows).
+    Placement, resources, checkpoints kept and failures survived come from `train`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_pipeline.train.loop import train_loop_per_worker
 
-    if len(train_examples) < num_workers:
-        raise ValueError(
-            f"{len(train_examples)} training rows cannot be split over {num_workers} workers"
-        )
+    if train_rows < num_workers:
+        raise ValueError(f"{train_rows} training rows cannot be split over {num_workers} workers")
     for key, value in HEALTH_CHECK_ENV.items():
         os.environ.setdefault(key, value)
-    # One seeded shuffle up front: blocks are not in dataset order (e.g. sorted by source),
-    # and each epoch shuffles further inside a local buffer.
-    rows = [prepared.encoded[ex.id] for ex in train_examples]
-    random.Random(seed).shuffle(rows)
-    datasets = {"train": _dataset(rows)}
-    if prepared.val_examples:
-        datasets["val"] = _dataset([prepared.encoded[ex.id] for ex in prepared.val_examples])
+    resources = {"CPU": train.cpus_per_worker, **train.resources_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(prepared, train, train_examples, num_workers, seed),
-        # use_gpu adds one GPU per worker; Ray picks nccl on GPU, gloo on CPU.
+        train_loop_config=worker_config(prepared, train, train_rows, num_workers, seed),
+        # Ray picks nccl on GPU, gloo on CPU.
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=train.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker},
+            resources_per_worker=resources,
+            placement_strategy=train.placement_strategy,
+            accelerator_type=train.accelerator_type,
         ),
-        run_config=RunConfig(storage_path=str(storage_path), name=name, callbacks=callbacks),
+        run_config=RunConfig(
+            storage_path=storage_path,
+            name=name,
+            callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
         datasets=datasets,
     )
 
 
 def summary_metrics(final: dict[str, Any]) -> dict[str, Any]:
-    """The report's metrics from the final worker report (everything but the history)."""
+    """The report's metrics from the final worker report (everything but the histories)."""
     keys = (
         "train_loss",
         "val_loss",
@@ -277,6 +391,9 @@ def summary_metrics(final: dict[str, Any]) -> dict[str, Any]:
         "target_tokens",
         "examples_seen",
         "examples_per_s",
+        "tokens_per_s",
+        "truncated",
+        "resumed_from",
     )
     return {k: final.get(k) for k in keys}
 
@@ -312,48 +429,155 @@ def set_threshold(checkpoint: str, val_examples: list[Example], cfg: Any) -> dic
     return threshold
 
 
+RESUME_FILE = "distill_resume.json"  # beside Ray's run state: which run it belongs to
+
+
+def _storage(run: Run) -> tuple[str, str]:
+    """(storage_path, Ray run name) of the train stage: the run folder (Ray's run is
+    runs/<id>/train), or train.storage_path with the run id in the name."""
+    if run.cfg.train.storage_path is None:
+        return str(run.dir.absolute()), "train"
+    return run.cfg.train.storage_path, f"{run.run_id}-train"
+
+
+def _filesystem(storage_path: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) for a local path or a cloud URI."""
+    import pyarrow.fs
+
+    uri = storage_path if "://" in storage_path else str(Path(storage_path).absolute())
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def resume_key(run: Run, prepared: Prepared) -> str:
+    """What a resumed run must share with the one it resumes: the train config, the seed and
+    the dataset content."""
+    import hashlib
+
+    key = {
+        "train": run.cfg.train.model_dump(mode="json"),
+        "seed": run.cfg.run.seed,
+        "dataset": prepared.lineage["dataset_content_sha256"],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def open_storage(run: Run, key: str) -> bool:
+    """Keep the Ray Train run of an unfinished earlier attempt with the same `key` (Ray then
+    hands its newest checkpoint to the workers: True), or clear it for a fresh one (False)."""
+    import pyarrow.fs
+
+    storage_path, name = _storage(run)
+    fs, root = _filesystem(storage_path)
+    folder = f"{root}/{name}"
+    marker = f"{folder}/{RESUME_FILE}"
+    if fs.get_file_info(marker).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(marker) as f:
+            previous = json.loads(f.read())
+        if previous["key"] == key and not previous["finished"]:
+            log.info("an unfinished train run with this config is in %s: resuming it", folder)
+            return True
+        why = "it finished" if previous["key"] == key else "its config or data differ"
+        log.info("starting the train run afresh in %s (%s)", folder, why)
+    if fs.get_file_info(folder).type == pyarrow.fs.FileType.Directory:
+        # Ray Train would otherwise take the old run of the same name for one to resume.
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder)):
+            if info.base_name in ("tokenizer", "student_base"):
+                continue  # made for this attempt already (prepare ran)
+            if info.type == pyarrow.fs.FileType.Directory:
+                fs.delete_dir(info.path)
+            else:
+                fs.delete_file(info.path)
+    _write_marker(fs, marker, key, finished=False)
+    return False
+
+
+def _write_marker(fs: Any, marker: str, key: str, *, finished: bool) -> None:
+    fs.create_dir(marker.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(marker) as f:
+        f.write(json.dumps({"key": key, "finished": finished}).encode())
+
+
+def local_checkpoint(result_checkpoint: Any, out: Path) -> str:
+    """The final checkpoint as a local directory: where Ray wrote it, or downloaded from a
+    cloud storage_path into `out`/checkpoint."""
+    path = result_checkpoint.path
+    if Path(path).is_dir():
+        return str(Path(path).absolute())
+    target = out / "checkpoint"
+    shutil.rmtree(target, ignore_errors=True)
+    return str(Path(result_checkpoint.to_directory(str(target))).absolute())
+
+
 def run_train(run: Run) -> dict[str, Any]:
+    from ray_pipeline.train.checkpoint import export_merged
     from ray_pipeline.train.plots import plot_loss_curve
 
     started = time.perf_counter()
-    train = run.cfg.train
-    # A re-run replaces the previous one: Ray Train would otherwise take the old run folder of
-    # the same name for a run to resume.
-    shutil.rmtree(run.paths.train, ignore_errors=True)
+    train, seed = run.cfg.train, run.cfg.run.seed
     out = run.stage_dir("train")
     prepared = prepare(run, out)
+    key = resume_key(run, prepared)
+    resuming = open_storage(run, key)
+    train_rows = prepared.train_rows(1.0, seed)
+    mode = data_loading_mode(
+        train, prepared.dataset_bytes, train.num_workers * train.cpus_per_worker
+    )
+    data_started = time.perf_counter()
+    datasets = make_datasets(prepared, train, fraction=1.0, seed=seed, mode=mode)
+    data_seconds = time.perf_counter() - data_started
+    storage_path, name = _storage(run)
     trainer = make_trainer(
         prepared,
         train,
-        prepared.train_examples,
+        datasets,
+        train_rows,
         num_workers=train.num_workers,
-        storage_path=run.dir,
-        name="train",
-        seed=run.cfg.run.seed,
+        storage_path=storage_path,
+        name=name,
+        seed=seed,
     )
     fit_started = time.perf_counter()
     result = trainer.fit()
     fit_seconds = time.perf_counter() - fit_started
+    fs, root = _filesystem(storage_path)
+    _write_marker(fs, f"{root}/{name}/{RESUME_FILE}", key, finished=True)
     final = result.metrics
-    checkpoint = str(Path(result.checkpoint.path).absolute())
+    checkpoint = local_checkpoint(result.checkpoint, out)
     threshold = set_threshold(checkpoint, prepared.val_examples, run.cfg)
-    history = final["history"]
+    merged = str(export_merged(checkpoint)) if train.export_merged else None
+    history, step_log = final["history"], final["step_log"]
     plot = plot_loss_curve(
-        history, out / "loss.png", f"{run.run_id}: {train.method} on {prepared.base_model}"
+        history,
+        step_log,
+        out / "loss.png",
+        f"{run.run_id}: {train.method} on {Path(prepared.base_model).name}",
     )
     section = {
         "checkpoint": checkpoint,
+        "merged": merged,
         "kind": train.student.kind,
-        "metrics": {**summary_metrics(final), "fit_seconds": round(fit_seconds, 2)},
+        "metrics": {
+            **summary_metrics(final),
+            "fit_seconds": round(fit_seconds, 2),
+            "data_seconds": round(data_seconds, 2),
+        },
         "threshold": threshold,
-        "truncated": prepared.truncated,
+        "data_loading": mode,
+        "resumed": resuming,
         "workers": train.num_workers,
         "use_gpu": train.use_gpu,
         "zero_stage": train.deepspeed.zero_stage if train.deepspeed.enabled else None,
         "method": train.method,
+        "distill": {
+            **train.distill.model_dump(),
+            "rows_with_teacher_logprobs": prepared.lineage["rows_with_teacher_logprobs"],
+        },
+        "peak_learning_rate": train.peak_learning_rate,
+        "effective_batch": train.effective_batch,
         "model": prepared.base_model,
         "manifest": prepared.lineage["manifest"],
         "history": history,
+        "step_log": step_log,
         "plot": str(plot),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -74,7 +74,8 @@ def test_fraction_sweep(ray_local, tmp_path):
     trials = section["trials"]
     assert [t["config"] for t in trials] == [{"fraction": 0.5}, {"fraction": 1.0}]
     half, full = trials
-    assert half["train_rows"] == round(full["train_rows"] / 2)
+    # About half: the subset is a seeded hash of the row id (nested, decided row by row).
+    assert 0.35 * full["train_rows"] <= half["train_rows"] <= 0.65 * full["train_rows"]
     assert full["train_rows"] + read_meta(full["checkpoint"])["metrics"]["val_rows"] == 160
     # Both trials are scored on the same validation rows; more data (and twice the steps)
     # must fit them better on this learnable task.

@@ -6,7 +6,12 @@ schema as the curate stage writes it, so run_train reads it exactly as in a real
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -42,7 +47,7 @@ def curated_run(tmp_path: Path, train: dict, n_rows: int = 240) -> Run:
         for t in texts
     ]
     dataset = tmp_path / "dataset" / "train"
-    dataset.mkdir(parents=True)
+    dataset.mkdir(parents=True, exist_ok=True)
     pq.write_table(to_table(rows), dataset / "part-0.parquet")
     manifest = write_manifest(
         tmp_path / "dataset" / "manifest.json",
@@ -113,7 +118,7 @@ TINY_LORA = {
 def test_zero2_two_workers_learns_the_task(ray_local, tmp_path):
     from ray_pipeline.train.stage import run_train
 
-    run = curated_run(tmp_path, {**TINY_LORA, "epochs": 6})
+    run = curated_run(tmp_path, {**TINY_LORA, "epochs": 6, "export_merged": True})
     section = run_train(run)
 
     m = section["metrics"]
@@ -143,7 +148,17 @@ def test_zero2_two_workers_learns_the_task(ray_local, tmp_path):
         "adapter",
         "base",
         "tokenizer",
+        "merged",
+        "train_state",
     }
+    # Each DeepSpeed rank wrote its optimizer shard; Ray merged both into the checkpoint.
+    shards = sorted(p.name for p in (ckpt / "train_state" / "deepspeed" / "state").iterdir())
+    assert [s for s in shards if "optim_states" in s] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert [e["step"] for e in section["step_log"]] == list(range(10, m["steps"] + 1, 10))
+    assert all(e["grad_norm"] > 0 and e["tokens_per_s"] > 0 for e in section["step_log"])
     meta = json.loads((ckpt / META_FILE).read_text())
     assert (
         meta["base_model"] == "tiny" and meta["method"] == "lora" and meta["label_key"] == "toxic"
@@ -156,6 +171,20 @@ def test_zero2_two_workers_learns_the_task(ray_local, tmp_path):
 
     accuracy, majority = held_out_accuracy(str(ckpt))
     assert accuracy >= 0.9 and accuracy >= majority + 0.25, (accuracy, majority)
+
+    # merged/ is a plain transformers model: no peft, the same answers as the adapter.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ray_pipeline.train.student import Student
+
+    student = Student.load(str(ckpt))
+    merged = AutoModelForCausalLM.from_pretrained(section["merged"])
+    ids = student.tokenizer("<s><|user|>You are a clown</s><|assistant|>", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(**ids).logits, student.model(**ids).logits, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_zero3_full_finetune_of_a_pretrained_dir_saves_complete_weights(ray_local, tmp_path):
@@ -184,12 +213,15 @@ def test_zero3_full_finetune_of_a_pretrained_dir_saves_complete_weights(ray_loca
             "student": {"model": str(pretrained)},
             "method": "full",
             "epochs": 1,
-            "max_steps": 3,
+            "max_steps": 6,
+            "log_every_steps": 1,
             "learning_rate": 0.01,
             "batch_size": 4,
             "max_seq_len": 96,
             "num_workers": 2,
             "deepspeed": {"zero_stage": 3},
+            # Checkpoints outside the run folder (a URI works the same, through pyarrow).
+            "storage_path": str(tmp_path / "store"),
         },
     )
     section = run_train(run)
@@ -198,10 +230,13 @@ def test_zero3_full_finetune_of_a_pretrained_dir_saves_complete_weights(ray_loca
         section["method"],
         section["model"],
         section["metrics"]["steps"],
-    ) == (3, "full", str(pretrained), 3)
+    ) == (3, "full", str(pretrained), 6)
+    losses = [e["loss"] for e in section["step_log"]]
+    assert len(losses) == 6 and losses[-1] < losses[0]
 
     ckpt = Path(section["checkpoint"])
-    assert {p.name for p in ckpt.iterdir()} == {META_FILE, "model", "tokenizer"}
+    assert ckpt.parent == tmp_path / "store" / "test-train"
+    assert {p.name for p in ckpt.iterdir()} == {META_FILE, "model", "tokenizer", "train_state"}
     saved = load_file(ckpt / "model" / "model.safetensors")
     initial = load_file(pretrained / "model.safetensors")
     assert saved.keys() == initial.keys()
@@ -231,7 +266,7 @@ def test_a_classifier_student_learns_the_task_and_gets_a_threshold(ray_local, tm
     }
     run = curated_run(tmp_path, train)
     section = run_train(run)
-    assert section["kind"] == "classifier" and section["truncated"] == 0
+    assert section["kind"] == "classifier" and section["metrics"]["truncated"] == 0
     history = section["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"] / 3
     threshold = section["threshold"]
@@ -261,13 +296,16 @@ def test_the_minilm_classifier_loads_from_its_package_and_trains(ray_local, tmp_
         "learning_rate": 1e-3,
         "batch_size": 8,
         "max_seq_len": 64,
-        "num_workers": 2,
+        "num_workers": 1,
         "deepspeed": {"enabled": False},
+        # Read and tokenized by Ray Data in step with training (1 of the 2 CPUs is free).
+        "data_loading": "stream",
     }
     section = run_train(curated_run(tmp_path, train, n_rows=80))
+    assert section["data_loading"] == "stream"
     assert section["metrics"]["steps"] == 4 and section["model"] == str(minilm.get_model_path())
     ckpt = Path(section["checkpoint"])
-    assert {p.name for p in ckpt.iterdir()} == {META_FILE, "adapter", "tokenizer"}
+    assert {p.name for p in ckpt.iterdir()} == {META_FILE, "adapter", "tokenizer", "train_state"}
     student = Student.load(str(ckpt))
     assert type(student.model).__name__ == "BertForSequenceClassification"
     answers = student.answer([PROMPT.messages(t) for t in ("What a clown", "Nice edit")])
@@ -276,3 +314,95 @@ def test_the_minilm_classifier_loads_from_its_package_and_trains(ray_local, tmp_
         # The confidence is the probability of the label it says (under a threshold below
         # 0.5 that can be the less likely one).
         assert said in ("0", "1") and a.confidence == a.probs[said] and 0 < a.confidence < 1
+
+
+def _kill_a_worker_after_a_checkpoint(train_dir: Path, killed: list[int]) -> threading.Thread:
+    """A thread that, once Ray Train has registered a checkpoint of the run in `train_dir`
+    (it is in Ray's checkpoint manager snapshot), kills one Ray Train worker process with
+    SIGKILL (as a lost node would)."""
+
+    def worker_pids() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                        pids.append(int(proc.name))
+        return pids
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            snapshot = train_dir / "checkpoint_manager_snapshot.json"
+            if snapshot.exists() and b"checkpoint_0" in snapshot.read_bytes():
+                pids = worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+RESUMABLE = {
+    **TINY_LORA,
+    "epochs": 4,
+    "batch_size": 4,
+    "checkpoint_every_steps": 5,
+    "log_every_steps": 5,
+}
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
+    """FailureConfig: the worker group restarts after a worker is killed mid-run and goes on
+    from the newest checkpoint: the run ends at exactly the planned step."""
+    from ray_pipeline.train.stage import run_train
+
+    run = curated_run(tmp_path, {**RESUMABLE, "max_failures": 1})
+    killed: list[int] = []
+    watcher = _kill_a_worker_after_a_checkpoint(tmp_path / "train", killed)
+    section = run_train(run)
+    watcher.join(timeout=5)
+    assert killed, "the run ended before a worker could be killed"
+    m = section["metrics"]
+    planned = 4 * -(-(m["train_rows"] // 2) // 4)
+    assert m["steps"] == planned and m["epochs"] == 4
+    # Resumed once, at a checkpoint (every 5 steps or an epoch's end), not from the start.
+    (resumed,) = m["resumed_from"]
+    epoch_ends = {h["steps"] for h in section["history"]}
+    assert resumed > 0 and (resumed % 5 == 0 or resumed in epoch_ends)
+    assert [h["epoch"] for h in section["history"]] == [1, 2, 3, 4]
+    assert section["history"][-1]["val_loss"] < section["history"][0]["val_loss"]
+
+
+def test_a_rerun_of_the_stage_resumes_an_interrupted_run(ray_local, tmp_path):
+    """Without FailureConfig the killed run fails; `distill train` again (same config and
+    data) picks up its newest checkpoint; with another config it starts afresh. Plain torch
+    DDP (no DeepSpeed) this time."""
+    import ray.train
+
+    from ray_pipeline.train.stage import run_train
+
+    train = {**RESUMABLE, "deepspeed": {"enabled": False}}
+    run = curated_run(tmp_path, train)
+    killed: list[int] = []
+    watcher = _kill_a_worker_after_a_checkpoint(tmp_path / "train", killed)
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_train(run)
+    watcher.join(timeout=5)
+    assert killed
+    checkpoints = sorted(p.name for p in (tmp_path / "train").glob("checkpoint_*"))
+    assert checkpoints
+
+    section = run_train(run)
+    m = section["metrics"]
+    assert section["resumed"] is True and m["steps"] == 4 * -(-(m["train_rows"] // 2) // 4)
+    (resumed,) = m["resumed_from"]
+    assert resumed > 0 and f"checkpoint_{resumed:07d}" in checkpoints
+
+    # Done: another run of the stage trains again from the start.
+    again = run_train(curated_run(tmp_path, {**train, "epochs": 1}))
+    assert again["resumed"] is False and again["metrics"]["resumed_from"] == []

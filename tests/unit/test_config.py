@@ -156,3 +156,57 @@ def test_overrides_reach_into_lists():
         load_config(data=_base(), overrides=["data.logs.3.limit=7"])
     with pytest.raises(ConfigError, match="run.name is not a section or a list"):
         load_config(data=_base(), overrides=["run.name=x", "run.name.y=1"])
+
+
+def test_learning_rate_scales_with_the_effective_batch():
+    from ray_pipeline.config import TrainSection
+
+    base = {"learning_rate": 1e-4, "batch_size": 16, "gradient_accumulation_steps": 2}
+    train = TrainSection.model_validate({**base, "num_workers": 4, "lr_reference_batch": 32})
+    assert train.effective_batch == 128 and train.peak_learning_rate == 1e-4  # none: as given
+    linear = TrainSection.model_validate(
+        {**base, "num_workers": 4, "lr_reference_batch": 32, "lr_scaling": "linear"}
+    )
+    assert linear.peak_learning_rate == pytest.approx(4e-4)
+    root = TrainSection.model_validate(
+        {**base, "num_workers": 4, "lr_reference_batch": 32, "lr_scaling": "sqrt"}
+    )
+    assert root.peak_learning_rate == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize(
+    ("train", "problem"),
+    [
+        ({"packing": True, "student": {"kind": "classifier"}}, "packing is for causal_lm"),
+        ({"packing": True, "distill": {"weight": 0.5}}, "packing does not carry"),
+        ({"lora": {"load_in_4bit": True}}, "needs method: lora and use_gpu"),
+        (
+            {"lora": {"load_in_4bit": True}, "use_gpu": True, "deepspeed": {"zero_stage": 3}},
+            "cannot be sharded by ZeRO-3",
+        ),
+        ({"export_merged": True, "method": "full"}, "export_merged is for method: lora"),
+        ({"distill": {"weight": 1.5}}, "less than or equal to 1"),
+        ({"placement_strategy": "ANYWHERE"}, "PACK"),
+        ({"max_failures": -2}, "greater than or equal to -1"),
+    ],
+)
+def test_training_settings_that_cannot_work_are_named(train, problem):
+    from ray_pipeline.config import TrainSection
+
+    with pytest.raises(ValueError, match=problem):
+        TrainSection.model_validate(train)
+
+
+def test_qlora_without_bitsandbytes_or_a_gpu_is_a_clear_error():
+    import importlib.util
+
+    from ray_pipeline.config import TrainSection
+    from ray_pipeline.train.model import quantization
+
+    train = TrainSection.model_validate(
+        {"use_gpu": True, "method": "lora", "lora": {"load_in_4bit": True}}
+    )
+    missing = "bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else "CUDA GPU"
+    with pytest.raises(RuntimeError, match=missing):
+        quantization(train)
+    assert quantization(TrainSection()) is None

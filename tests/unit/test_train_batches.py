@@ -1,4 +1,5 @@
-"""The worker's batches: length grouping keeps the planned number of steps on every rank."""
+"""The worker's batches: length grouping and packing keep the planned number of steps on every
+rank; resuming skips exactly the batches trained before."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from ray_pipeline.train.loop import GROUP_WINDOW_BATCHES, PadCollate, _batches
+from ray_pipeline.train.loop import GROUP_WINDOW_BATCHES, _batches
 
 torch = pytest.importorskip("torch")
 
@@ -29,8 +30,7 @@ class Shard:
         assert start == len(self.rows)
 
 
-@pytest.mark.parametrize("kind", ["causal_lm", "classifier"])
-def test_grouped_batches_number_ceil_rows_over_batch_size_whatever_arrives(kind):
+def _rows(kind: str) -> list[dict]:
     rng = random.Random(0)
     rows = []
     for i in range(8 * GROUP_WINDOW_BATCHES * 2 + 13):
@@ -39,12 +39,49 @@ def test_grouped_batches_number_ceil_rows_over_batch_size_whatever_arrives(kind)
         ids = [i] * rng.choice([3, 7, 20])
         labels = ids if kind == "causal_lm" else i % 2
         rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def _shard(rows: list[dict]) -> Shard:
     sizes = [8, 3, 8, 8, 5]  # uneven at first, then whole batches, then what is left
     while sum(sizes) < len(rows):
         sizes.append(min(8, len(rows) - sum(sizes)))
-    shard = Shard(rows, sizes)
-    batches = list(_batches(shard, PadCollate(0), 8, torch.device("cpu"), group_seed=1))
+    return Shard(rows, sizes)
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "classifier"])
+@pytest.mark.parametrize("mode", ["grouped", "plain", "packed"])
+def test_batches_number_ceil_rows_over_batch_size_whatever_arrives(kind, mode):
+    rows = _rows(kind)
+    batches = list(
+        _batches(
+            _shard(rows),
+            8,
+            0,
+            torch.device("cpu"),
+            group_seed=1 if mode == "grouped" else None,
+            pack_to=64 if mode == "packed" else None,
+        )
+    )
     assert len(batches) == math.ceil(len(rows) / 8)
-    seen = sorted(int(b["input_ids"][j, 0]) for b, _ in batches for j in range(len(b["input_ids"])))
-    assert seen == list(range(len(rows)))
-    assert all(counts[0] == len(b["input_ids"]) for b, counts in batches)
+    # Every row once (its first token is its index); a packed row holds several examples.
+    seen = sorted(
+        int(v)
+        for b, _ in batches
+        for row in b["input_ids"]
+        for j, v in enumerate(row)
+        if (j == 0 or row[j - 1] != v) and v != 0 or (j == 0 and v == 0)
+    )
+    assert sum(c.examples for _, c in batches) == len(rows)
+    if mode != "packed" or kind == "classifier":
+        assert seen == list(range(len(rows)))
+        assert all(c.examples == len(b["input_ids"]) for b, c in batches)
+
+
+def test_resuming_skips_the_batches_trained_before():
+    rows = _rows("causal_lm")
+    every = list(_batches(_shard(rows), 8, 0, torch.device("cpu"), group_seed=1))
+    rest = list(_batches(_shard(rows), 8, 0, torch.device("cpu"), group_seed=1, skip=5))
+    assert all(b is None and c is None for b, c in rest[:5])
+    for (b1, _), (b2, _) in zip(every[5:], rest[5:], strict=True):
+        assert torch.equal(b1["input_ids"], b2["input_ids"])

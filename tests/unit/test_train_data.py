@@ -1,4 +1,5 @@
-"""Training examples: targets, validation split, nested subsets, label masking, padding."""
+"""Training examples: targets, validation split, nested subsets, label masking, padding,
+packing, and the Ray Data map that tokenizes curated rows."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from ray_pipeline.data.schema import dumps, new_row, row_id, to_table
 from ray_pipeline.train.data import (
     IGNORE_INDEX,
     Example,
+    collate,
     encode_example,
     encode_examples,
+    encode_rows,
+    in_split,
+    in_subset,
     is_validation,
     load_examples,
-    nested_subset,
+    pack_batch,
+    pack_examples,
     pad_batch,
-    split_examples,
 )
 from ray_pipeline.train.tokenizer import build_tiny_tokenizer, tokenizer_corpus
 
@@ -82,36 +87,73 @@ def test_load_examples_clear_errors(tmp_path):
 
 
 def test_validation_split_is_deterministic_and_sized():
-    examples = _examples(2000)
-    train, val = split_examples(examples, 0.1)
-    assert len(train) + len(val) == 2000
+    ids = [e.id for e in _examples(2000)]
+    val = {i for i in ids if in_split(i, "val", 0.1)}
+    train = {i for i in ids if in_split(i, "train", 0.1)}
+    assert train | val == set(ids) and not train & val
     assert 150 < len(val) < 250  # ~10%
-    # Fixed by the id alone: another order, another call, the same rows.
-    train2, val2 = split_examples(list(reversed(examples)), 0.1)
-    assert {e.id for e in val2} == {e.id for e in val}
-    assert all(is_validation(e.id, 0.1) for e in val)
+    assert all(is_validation(i, 0.1) for i in val)  # fixed by the id alone
     # Growing the fraction only moves rows into validation, never out of it.
-    _, val_more = split_examples(examples, 0.2)
-    assert {e.id for e in val} < {e.id for e in val_more}
-    assert split_examples(examples, 0.0)[1] == []
-
-
-def test_split_refuses_to_leave_no_training_rows():
-    with pytest.raises(ValueError, match="no training rows"):
-        split_examples(_examples(3), 0.99)
+    assert val < {i for i in ids if in_split(i, "val", 0.2)}
+    assert not any(in_split(i, "val", 0.0) for i in ids)
 
 
 def test_nested_subsets():
-    examples = _examples(101)
-    half = nested_subset(examples, 0.5, seed=7)
-    full = nested_subset(examples, 1.0, seed=7)
-    assert len(half) == 50 and len(full) == 101
-    assert {e.id for e in half} < {e.id for e in full}
-    assert nested_subset(list(reversed(examples)), 0.5, seed=7) == half  # input order is irrelevant
-    assert {e.id for e in nested_subset(examples, 0.5, seed=8)} != {e.id for e in half}
-    assert len(nested_subset(examples, 0.001, seed=7)) == 1
-    with pytest.raises(ValueError):
-        nested_subset(examples, 0.0, seed=7)
+    ids = [e.id for e in _examples(2000)]
+    half = {i for i in ids if in_subset(i, 0.5, seed=7)}
+    tenth = {i for i in ids if in_subset(i, 0.1, seed=7)}
+    assert 900 < len(half) < 1100 and 150 < len(tenth) < 250
+    assert tenth < half  # nested
+    assert all(in_subset(i, 1.0, seed=7) for i in ids)
+    assert {i for i in ids if in_subset(i, 0.5, seed=8)} != half  # another seed, other rows
+    with pytest.raises(ValueError, match="fraction must be in"):
+        in_subset(ids[0], 0.0, seed=7)
+
+
+def test_encode_rows_keeps_its_split_and_subset_and_flags_truncation():
+    examples = _examples(60)
+    tok = build_tiny_tokenizer(tokenizer_corpus(examples), vocab_size=300)
+    rows = [
+        _row(f"comment {i} " + "long " * (40 if i % 7 == 0 else 1), str(i % 2), "ok")
+        for i in range(60)
+    ]
+    batch = {
+        k: [r[k] for r in rows] for k in ("id", "messages", "output", "response", "label", "input")
+    }
+    common = dict(
+        val_fraction=0.2, tokenizer=tok, max_seq_len=40, labels=["0", "1"], target="canonical"
+    )
+    val = encode_rows(batch, split="val", kind="causal_lm", **common)
+    train = encode_rows(batch, split="train", kind="causal_lm", **common)
+    assert len(val["input_ids"]) == sum(in_split(r["id"], "val", 0.2) for r in rows)
+    assert len(val["input_ids"]) + len(train["input_ids"]) == 60
+    assert all(len(ids) <= 40 for ids in train["input_ids"])
+    long_train = [r for r in rows if in_split(r["id"], "train", 0.2) and "long long" in r["input"]]
+    assert sum(train["truncated"]) == len(long_train) > 0
+    half = encode_rows(batch, split="train", kind="causal_lm", fraction=0.5, seed=1, **common)
+    expected = sum(in_split(r["id"], "train", 0.2) and in_subset(r["id"], 0.5, 1) for r in rows)
+    assert len(half["input_ids"]) == expected
+    classes = encode_rows(batch, split="train", kind="classifier", **common)
+    assert classes["labels"] == [int(r["label"]) for r in rows if in_split(r["id"], "train", 0.2)]
+
+
+def test_encode_rows_names_a_row_without_an_answer():
+    rows = [_row("a", "1", "x"), {**_row("b", "0", "y"), "output": None}]
+    batch = {
+        k: [r[k] for r in rows] for k in ("id", "messages", "output", "response", "label", "input")
+    }
+    tok = build_tiny_tokenizer(tokenizer_corpus(_examples(4)), vocab_size=300)
+    with pytest.raises(ValueError, match=f"curated row {rows[1]['id']} has an empty 'output'"):
+        encode_rows(
+            batch,
+            split="train",
+            val_fraction=0.0,
+            tokenizer=tok,
+            kind="causal_lm",
+            max_seq_len=64,
+            labels=["0", "1"],
+            target="canonical",
+        )
 
 
 def test_encode_masks_prompt_and_keeps_answer():
@@ -177,3 +219,80 @@ def test_length_grouped_batches_cover_every_example_once_with_less_padding():
         max(lengths[i] for i in b) for b in batches
     )
     assert batches == length_grouped_batches(lengths, 8, random.Random(1))  # seeded
+
+
+def test_pack_examples_first_fit_decreasing():
+    rows = pack_examples([5, 3, 8, 2, 4], max_len=10)
+    assert rows == [[2, 3], [0, 4], [1]]  # 8+2, 5+4, 3
+    assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="12 tokens cannot be packed into 10"):
+        pack_examples([12], max_len=10)
+
+
+def test_pack_batch_restarts_positions_and_masks_each_first_label():
+    ids = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    labels = [[IGNORE_INDEX, 2, 3], [IGNORE_INDEX, 5], [IGNORE_INDEX, IGNORE_INDEX, 8, 9]]
+    batch = pack_batch(ids, labels, pad_id=0, max_len=6)
+    assert "attention_mask" not in batch  # transformers finds the examples from the positions
+    assert batch["input_ids"].tolist() == [[6, 7, 8, 9, 4, 5], [1, 2, 3, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, IGNORE_INDEX, 8, 9, IGNORE_INDEX, 5],
+        [IGNORE_INDEX, 2, 3, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX],
+    ]
+
+
+def test_packed_examples_see_only_themselves():
+    """A packed example's logits equal its logits alone: transformers keeps attention within
+    each example when position ids restart and there is no attention mask."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
+    labels = [[IGNORE_INDEX, *x[1:]] for x in ids]
+    batch = pack_batch(ids, labels, pad_id=0, max_len=12)
+    assert batch["input_ids"].shape[0] == 1  # all three in one row
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        at = 0
+        for i in pack_examples([len(x) for x in ids], 12)[0]:
+            alone = model(input_ids=torch.tensor([ids[i]])).logits[0]
+            torch.testing.assert_close(packed[at : at + len(ids[i])], alone, atol=1e-5, rtol=1e-4)
+            at += len(ids[i])
+        # And the loss over the packed row is the loss over the same examples padded.
+        padded = pad_batch(ids, labels, pad_id=0)
+        loss_packed = model(**batch).loss
+        loss_padded = model(**padded).loss
+    torch.testing.assert_close(loss_packed, loss_padded, atol=1e-5, rtol=1e-4)
+
+
+def test_collate_counts_examples_tokens_targets_and_padding():
+    import numpy as np
+
+    ids = [np.array([1, 2, 3]), np.array([4])]
+    labels = [np.array([IGNORE_INDEX, 2, 3]), np.array([4])]
+    batch, counts = collate(
+        {"input_ids": ids, "labels": labels, "truncated": np.array([True, False])}, pad_id=0
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    # Targets: labels after the causal shift (each sequence's first label is never predicted).
+    assert (counts.examples, counts.tokens, counts.targets) == (2, 4, 2)
+    assert (counts.truncated, counts.positions) == (1, 6)
+    packed, packed_counts = collate({"input_ids": ids, "labels": labels}, pad_id=0, pack_to=8)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4]] and packed_counts.positions == 4
+    classes, class_counts = collate(
+        {"input_ids": ids, "labels": np.array([1, 0])}, pad_id=0, pack_to=8
+    )
+    assert classes["labels"].tolist() == [1, 0] and class_counts.targets == 2  # never packed

@@ -167,3 +167,32 @@ def test_pretrained_weights_load_in_bf16_only_for_gpu_bf16_training():
     assert weights_dtype(_train(use_gpu=True, precision="bf16")) == torch.bfloat16
     assert weights_dtype(_train(use_gpu=True, precision="fp16")) == torch.float32
     assert weights_dtype(_train()) == torch.float32
+
+
+def test_a_user_json_is_laid_over_the_generated_config(tmp_path):
+    override = tmp_path / "ds.json"
+    override.write_text(
+        '{"zero_optimization": {"reduce_bucket_size": 5e7, "overlap_comm": true},'
+        ' "gradient_clipping": 0.3, "activation_checkpointing": {"partition_activations": true}}'
+    )
+    train = _train(deepspeed={"zero_stage": 2, "config_file": str(override)})
+    config = build_deepspeed_config(train, world_size=2)
+    zero = config["zero_optimization"]
+    # Nested objects merge (ours kept, theirs added or replaced); top-level keys replace.
+    assert zero["stage"] == 2 and zero["contiguous_gradients"] is True
+    assert zero["reduce_bucket_size"] == 5e7 and zero["overlap_comm"] is True
+    assert config["gradient_clipping"] == 0.3
+    assert config["activation_checkpointing"] == {"partition_activations": True}
+    assert config["train_micro_batch_size_per_gpu"] == train.batch_size
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "does not exist"), ("{not json", "is not JSON"), ("[1, 2]", "must hold a JSON object")],
+)
+def test_a_bad_user_json_is_named(tmp_path, content, problem):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=problem):
+        _train(deepspeed={"config_file": str(path)})
