@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -54,7 +55,9 @@ def test_every_input_record_is_one_row(e2e_run, root):
         and manifest["content_sha256"]
         and manifest["sources"][0]["sha256"]
     )
-    ckpt = json.loads((e2e_run / "train" / "checkpoint" / "distill_checkpoint.json").read_text())
+    checkpoint = Path(report["train"]["checkpoint"])
+    assert checkpoint.parent == e2e_run / "train" and checkpoint.name.startswith("checkpoint_")
+    ckpt = json.loads((checkpoint / "distill_checkpoint.json").read_text())
     assert ckpt["manifest"] == str(e2e_run / "dataset" / "manifest.json")
 
 
