@@ -710,8 +710,8 @@ class VoteSection(Section):
         0.0,
         ge=0,
         le=1,
-        description="Rows whose majority holds a smaller share of the votes go to "
-        "dataset/review/ instead of training.",
+        description="Rows whose majority holds a smaller share of the votes (and that have "
+        "no gold label to decide them) go to dataset/review/ instead of training.",
     )
 
 

@@ -33,14 +33,17 @@ def judge_prompt(rubric: str, text: str, answer: str) -> str:
     return _SLOT.sub(lambda m: values[m.group(1)], rubric)
 
 
-def to_requests(rows: list[dict[str, Any]], rubric: str) -> list[dict[str, Any]]:
-    """Every ok row as a request row for the judge; other rows as they are."""
+def to_requests(rows: list[dict[str, Any]], rubric: str, target: str) -> list[dict[str, Any]]:
+    """Every ok row as a request row for the judge, asking about the answer the student will
+    learn (`target`, train.target: 'canonical' the parsed answer, as relabeled by vote or
+    gold; 'raw' the teacher's text); other rows as they are."""
     out = []
     for row in rows:
         if row["status"] != OK:
             out.append(row)
             continue
-        prompt = judge_prompt(rubric, row["input"], row["response"])
+        answer = row["output"] if target == "canonical" and row["output"] else row["response"]
+        prompt = judge_prompt(rubric, row["input"], answer)
         out.append(
             new_row(
                 id=row["id"],

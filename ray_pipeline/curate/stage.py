@@ -8,8 +8,9 @@ The steps, in order (each one a config section under ``curate:``):
 2. vote merging (``vote.group_by: input``): rows of one input become one vote;
 3. dedup: exact, near (MinHash LSH), semantic (embeddings);
 4. test sets built from gold-labelled rows, frozen and held out;
-5. vote: the majority label and its agreement; low agreement goes to review;
-6. gold checks: teacher accuracy, and drop or relabel where the teacher disagrees;
+5. vote: the majority label and its agreement;
+6. gold checks: teacher accuracy, and drop or relabel where the teacher disagrees; then rows
+   of low vote agreement (and no gold label) go to review;
 7. caps per source or user; the LLM judge; resampling to target label shares;
 8. the nested dataset-size subsets, recorded.
 
@@ -64,7 +65,7 @@ from ray_pipeline.curate.holdout import (
 )
 from ray_pipeline.curate.judge import cutoff, from_replies, keep_judged, to_requests
 from ray_pipeline.curate.stats import LENGTH_EDGES, NGRAM_SAMPLE_ROWS, Stats, StatsConfig
-from ray_pipeline.curate.vote import Vote, merge_votes
+from ray_pipeline.curate.vote import Review, Vote, merge_votes
 from ray_pipeline.data.manifest import source_entry, write_manifest
 from ray_pipeline.data.schema import FAILED, FILTERED, OK, to_table
 from ray_pipeline.data.subsets import smallest_subset
@@ -219,7 +220,7 @@ def run_judge(ds: Any, run: Run, endpoint: Any) -> tuple[Any, dict[str, Any]]:
         raise RuntimeError("curate.judge is enabled: the curate stage needs the teacher endpoint")
     session = TeacherSession(run, endpoint)
     before = session.snapshot()
-    ds = each_row(ds, to_requests, rubric=j.rubric)
+    ds = each_row(ds, to_requests, rubric=j.rubric, target=run.cfg.train.target)
     with session.progress():
         ds = session.pool(
             ds,
@@ -388,8 +389,10 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         ds, built = build_test_sets(ds, cfg, ranks)
         ds = done("test_sets", ds)
     if c.vote.enabled:
-        ds = done("vote", each_row(ds, Vote(c.vote, cfg.task)))
+        ds = done("vote", each_row(ds, Vote(cfg.task)))
     ds = done("gold", each_row(ds, GoldCheck(c.gold, cfg.task)))
+    if c.vote.enabled and c.vote.min_agreement > 0:
+        ds = done("review", each_row(ds, Review(c.vote, cfg.task)))
     if c.balance.cap_per is not None:
         kw = {"by": c.balance.cap_per, "cap": c.balance.cap, "seed": cfg.run.seed}
         ds = done("caps", by_partition(ds, c.balance.cap_per, cap_rows, kw, parts, ranks))

@@ -67,12 +67,10 @@ def merge_votes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class Vote:
-    """Label each ok row by the majority of its votes, store the vote and its agreement in
-    ``scores.vote``, and filter rows under ``min_agreement`` (``low_agreement``: they go to
-    the review file). A row whose label changes gets the canonical answer of the new one."""
+    """Label each ok row by the majority of its votes and store the vote and its agreement in
+    ``scores.vote``. A row whose label changes gets the canonical answer of the new one."""
 
-    def __init__(self, cfg: VoteSection, task: TaskSection):
-        self.cfg = cfg
+    def __init__(self, task: TaskSection):
         self.task = task
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -84,10 +82,9 @@ class Vote:
             if not counts:
                 counts = Counter([row["label"]])
             winner = majority(counts, row["label"], labels)
-            agreement = counts[winner] / sum(counts.values())
             vote = {
                 "label": winner,
-                "agreement": round(agreement, 4),
+                "agreement": round(counts[winner] / sum(counts.values()), 4),
                 "counts": dict(counts),
             }
             if winner != row["label"]:
@@ -95,10 +92,26 @@ class Vote:
                 row["label"] = winner
                 row["output"] = answer_json(self.task.label_key, winner)
             merge_scores(row, "vote", vote)
-            if agreement < self.cfg.min_agreement:
-                tally = ", ".join(f"{lab}: {n}" for lab, n in sorted(counts.items()))
+        return rows
+
+
+class Review:
+    """Rows whose vote agreement is under ``min_agreement`` leave training for the review
+    file (``low_agreement``), unless a gold label decided them (the gold check ran first)."""
+
+    def __init__(self, cfg: VoteSection, task: TaskSection):
+        self.min_agreement = cfg.min_agreement
+        self.labels = task.labels
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for row in rows:
+            if row["status"] != OK or row["gold"] in self.labels or not row["scores"]:
+                continue
+            vote = json.loads(row["scores"]).get("vote")
+            if vote is not None and vote["agreement"] < self.min_agreement:
+                tally = ", ".join(f"{lab}: {n}" for lab, n in sorted(vote["counts"].items()))
                 filter_row(
                     row,
-                    f"low_agreement: {agreement:.2f} < {self.cfg.min_agreement:g} ({tally})",
+                    f"low_agreement: {vote['agreement']:.2f} < {self.min_agreement:g} ({tally})",
                 )
         return rows
