@@ -273,6 +273,9 @@ class TestIndex:
                 for i, m in enumerate(self.hashes):
                     session.insert(i, m, check_duplication=False)
 
+    def __bool__(self) -> bool:
+        return bool(self.exact)
+
     def lookup(self, texts: list[str]) -> list[str | None]:
         """For each text, what it overlaps (``input is in test set 'x'``, ``~0.91 similar
         to record 12 of test set 'x'``), or None."""

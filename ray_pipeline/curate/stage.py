@@ -84,12 +84,10 @@ def row_filters(
 ) -> list[dict[str, Any]]:
     """The row-by-row filters of step 1, in order; the first reason a row meets stays."""
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    for f in (
-        LabelFilter(cfg.task),
-        GoldFilter(cfg.task),
-        RuleFilter(cfg.curate.rules, tok),
-        TestOverlapFilter(index),
-    ):
+    filters = [LabelFilter(cfg.task), GoldFilter(cfg.task), RuleFilter(cfg.curate.rules, tok)]
+    if index:
+        filters.append(TestOverlapFilter(index))
+    for f in filters:
         rows = f(rows)
     return rows
 
@@ -362,7 +360,7 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         samples=c.samples_per_reason,
         ngram_rate=min(1.0, NGRAM_SAMPLE_ROWS / max(rows_in, 1)),
     )
-    before = gather_stats(ds, StatsConfig(cfg.task.labels, c.subsets.fractions, cfg.run.seed, 0))
+    labels_before = tally(ds, ok_labels)
     records, checked = test_records(cfg)
     index = TestIndex(records, c.dedup.near, c.test_sets.near_threshold)
     tokenizer = cfg.student_tokenizer() if c.rules.uses_tokens else None
@@ -423,7 +421,7 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         outputs["test_sets"] = str(test_dir)
     timings["write"] = round(time.perf_counter() - clock[0], 2)
 
-    manifest = _manifest(run, rows_in, before, after, steps, checked, frozen, outputs)
+    manifest = _manifest(run, rows_in, labels_before, after, steps, checked, frozen, outputs)
     manifest_path = write_manifest(run.paths.dataset_manifest, manifest)
     card_path = card.write_card(run.paths.dataset, manifest, after.sample_rows())
     seconds = time.perf_counter() - started
@@ -468,7 +466,7 @@ def _row_step(
 def _manifest(
     run: Run,
     rows_in: int,
-    before: Stats,
+    labels_before: Counter,
     after: Stats,
     steps: dict[str, Any],
     checked: list[dict[str, Any]],
@@ -498,7 +496,7 @@ def _manifest(
         "to_review": after.reasons.get(REVIEW, 0),
         "reasons": dict(sorted(after.reasons.items())),
         "labels": dict(sorted(after.labels.items())),
-        "labels_before": _named(before.labels, skip_none=True),
+        "labels_before": _named(labels_before, skip_none=True),
         "rows_per_source": _named(after.sources),
         "gold": after.gold_summary(),
         "vote": (
