@@ -44,19 +44,29 @@ def keep_shares(counts: dict[str, int], target: dict[str, float]) -> dict[str, f
     }
 
 
+def quotas(counts: dict[str, int], target: dict[str, float]) -> dict[str, int]:
+    """{label: rows to keep} for the `target` shares (``keep_shares``, rounded)."""
+    return {lab: round(share * counts[lab]) for lab, share in keep_shares(counts, target).items()}
+
+
+def balance_draw(row: dict[str, Any], seed: int) -> float:
+    """The row's draw: each label keeps its rows of smallest draw."""
+    return stable_unit("balance", seed, row["id"], row["source"], row["source_line"])
+
+
 def resample(
-    rows: list[dict[str, Any]], keep: dict[str, float], target: dict[str, float], seed: int
+    rows: list[dict[str, Any]], cuts: dict[str, float], target: dict[str, float], seed: int
 ) -> list[dict[str, Any]]:
-    """Drop ok rows of over-represented labels (``rebalanced``), each label's rows kept with
-    probability `keep[label]` by a hash of the id."""
+    """Drop ok rows of over-represented labels (``rebalanced``): a label keeps the rows whose
+    draw is at most its cut (the stage finds the cut that keeps exactly its quota)."""
     for row in rows:
         if row["status"] != OK:
             continue
-        share = keep.get(row["label"], 0.0)
-        if share < 1.0 and stable_unit("balance", seed, row["id"]) >= share:
+        cut = cuts.get(row["label"], -1.0)
+        if cut < 1.0 and balance_draw(row, seed) > cut:
             filter_row(
                 row,
-                f"rebalanced: label {row['label']} kept at {share:.3f} for a target share of "
+                f"rebalanced: label {row['label']} over its target share of "
                 f"{target.get(row['label'], 0):g}",
             )
     return rows

@@ -44,6 +44,7 @@ from ray_pipeline.curate.dedup import (
 from ray_pipeline.data.schema import FILTERED, OK, ROW_SCHEMA, to_table
 
 PART = "_part"
+ROWS_PER_BATCH = 4096  # rows a row-by-row step holds as Python objects at once
 ORDER = "_order"
 SIDE = "_side"
 SIGNATURES = pa.schema(
@@ -128,7 +129,10 @@ def _rows_map(batch: pa.Table, step: Callable, kwargs: dict[str, Any]) -> pa.Tab
 def each_row(ds: Any, step: Callable, **kwargs: Any) -> Any:
     """`step(rows, **kwargs) -> rows` over every batch: the row-by-row steps."""
     return ds.map_batches(
-        _rows_map, fn_kwargs={"step": step, "kwargs": kwargs}, batch_format="pyarrow"
+        _rows_map,
+        fn_kwargs={"step": step, "kwargs": kwargs},
+        batch_format="pyarrow",
+        batch_size=ROWS_PER_BATCH,
     )
 
 
@@ -351,6 +355,20 @@ def _apply_notes(rows: pa.Table, notes: pa.Table) -> pa.Table:
     return to_table(out)
 
 
+def _drop_order(batch: pa.Table) -> pa.Table:
+    return batch.drop_columns([ORDER])
+
+
+def in_record_order(ds: Any, ranks: dict[str, int]) -> Any:
+    """The rows sorted by their record (source, line): the outputs do not depend on how the
+    global steps partitioned the rows (one more sort shuffle)."""
+    return (
+        ds.map_batches(_add_order, fn_kwargs={"ranks": ranks}, batch_format="pyarrow")
+        .sort(ORDER)
+        .map_batches(_drop_order, batch_format="pyarrow")
+    )
+
+
 def apply_notes(ds: Any, notes: Any, ranks: dict[str, int], parts: int) -> Any:
     """The rows, those named in `notes` (order, reason) filtered with their reason: a join
     of rows and notes on the record order, as one ``cogroup``."""
@@ -418,6 +436,7 @@ def near_duplicates(ds: Any, cfg: NearDedupSection, ranks: dict[str, int], parts
         _minhash_rows,
         fn_kwargs={"cfg": cfg, "ranks": ranks, "bands": bands, "rows": rows},
         batch_format="pyarrow",
+        batch_size=ROWS_PER_BATCH,  # the shingles of a batch are held as Python objects
     )
     return similar_duplicates(
         ds,

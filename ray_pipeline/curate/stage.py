@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 
 from ray_pipeline.config import DistillConfig
 from ray_pipeline.curate import card
-from ray_pipeline.curate.balance import cap_rows, keep_shares, resample
+from ray_pipeline.curate.balance import balance_draw, cap_rows, quotas, resample
 from ray_pipeline.curate.dedup import TestIndex, mark_exact_duplicates, row_orders
 from ray_pipeline.curate.filters import (
     GoldFilter,
@@ -48,8 +48,10 @@ from ray_pipeline.curate.filters import (
     load_tokenizer,
 )
 from ray_pipeline.curate.global_steps import (
+    ROWS_PER_BATCH,
     by_partition,
     each_row,
+    in_record_order,
     near_duplicates,
     partitions,
     semantic_duplicates,
@@ -75,7 +77,6 @@ log = logging.getLogger("distill.curate")
 
 REVIEW = "low_agreement"
 HELD_OUT = "held_out"
-ROWS_PER_BATCH = 4096  # rows a row-by-row step holds as Python objects at once
 
 
 # ------------------------------------------------------------------------ row steps
@@ -207,6 +208,23 @@ def build_test_sets(
         ds = ds.materialize()
         log.info("curate: test set '%s': %d rows held out", spec.name, len(picked))
     return ds, chosen
+
+
+def _draws(batch: pa.Table, label: str, seed: int) -> pa.Table:
+    rows = _ok(batch)
+    rows = rows.filter(pc.equal(rows["label"], label)).to_pylist()
+    return pa.table({"u": pa.array([balance_draw(r, seed) for r in rows], pa.float64())})
+
+
+def balance_cut(ds: Any, label: str, keep: int, rows: int, seed: int) -> float:
+    """The largest draw `label` keeps so that exactly `keep` of its `rows` ok rows stay: a
+    distributed sort of the label's draws, limited to `keep`; one number reaches the driver."""
+    if keep >= rows:
+        return 1.0
+    if keep == 0:
+        return -1.0
+    draws = ds.map_batches(_draws, fn_kwargs={"label": label, "seed": seed}, batch_format="pyarrow")
+    return draws.sort("u").limit(keep).max("u")
 
 
 def run_judge(ds: Any, run: Run, endpoint: Any) -> tuple[Any, dict[str, Any]]:
@@ -399,11 +417,13 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         ds = done("judge", ds)
     if c.balance.target is not None:
         counts = tally(ds, ok_labels)
-        keep = keep_shares(dict(counts), c.balance.target)
-        ds = each_row(ds, resample, keep=keep, target=c.balance.target, seed=cfg.run.seed)
+        keep = quotas(dict(counts), c.balance.target)
+        cuts = {lab: balance_cut(ds, lab, k, counts[lab], cfg.run.seed) for lab, k in keep.items()}
+        ds = each_row(ds, resample, cuts=cuts, target=c.balance.target, seed=cfg.run.seed)
         ds = done("balance", ds)
-        steps["balance"] = {"before": dict(counts), "keep_share": keep}
+        steps["balance"] = {"before": _named(counts), "kept": _named(Counter(keep))}
 
+    ds = done("record_order", in_record_order(ds, ranks))
     after = gather_stats(ds, stats_cfg)
     if c.test_sets.on_overlap == "refuse":
         _refuse_overlap(after)

@@ -101,7 +101,7 @@ def test_global_steps_find_what_was_planted(ray_local, tmp_path):
     kept = pq.read_table(run.dir / "dataset" / "train").to_pylist()
     assert report["kept"] == len(kept)
     counts = {lab: sum(r["label"] == lab for r in kept) for lab in ("0", "1")}
-    assert abs(counts["0"] - counts["1"]) <= 4  # resampled to 50/50 (by a hash draw)
+    assert counts["0"] == counts["1"] == report["labels"]["1"]  # resampled to exactly 50/50
     # The test set: 4 rows of each gold label, frozen, none of them in training.
     frozen = json.loads((run.dir / "dataset" / "test_sets" / "frozen.json").read_text())
     entry = frozen["test_sets"][0]

@@ -14,7 +14,7 @@ from ray_pipeline.config import (
     TaskSection,
     VoteSection,
 )
-from ray_pipeline.curate.balance import cap_rows, keep_shares, resample
+from ray_pipeline.curate.balance import balance_draw, cap_rows, keep_shares, quotas, resample
 from ray_pipeline.curate.gold import GoldCheck
 from ray_pipeline.curate.holdout import (
     candidate_bounds,
@@ -226,12 +226,15 @@ def test_keep_shares_reach_the_target_with_most_rows():
     assert keep_shares({"0": 10, "1": 0}, {"0": 0.5, "1": 0.5}) == {"0": 1.0, "1": 0.0}
 
 
-def test_resample_drops_by_a_hash_draw():
-    rows = [row(f"t{i}", "0", line=i) for i in range(1000)] + [row("one", "1")]
-    out = resample(rows, {"0": 0.25, "1": 1.0}, {"0": 0.5, "1": 0.5}, seed=2)
-    kept = [r for r in out if r["status"] == OK]
-    assert 200 < len(kept) < 300 and kept[-1]["label"] == "1"
-    assert out[0]["reason"] in (None, "rebalanced: label 0 kept at 0.250 for a target share of 0.5")
+def test_quotas_and_resample_by_a_cut_of_the_draws():
+    assert quotas({"0": 900, "1": 100}, {"0": 0.5, "1": 0.5}) == {"0": 100, "1": 100}
+    rows = [row(f"t{i}", "0", line=i) for i in range(10)] + [row("one", "1")]
+    draws = sorted(balance_draw(r, 2) for r in rows[:10])
+    out = resample(rows, {"0": draws[3], "1": 1.0}, {"0": 0.5, "1": 0.5}, seed=2)
+    assert sum(r["status"] == OK for r in out[:10]) == 4 and out[10]["status"] == OK
+    dropped = {r["reason"] for r in out if r["status"] == FILTERED}
+    assert dropped == {"rebalanced: label 0 over its target share of 0.5"}
+    assert all(r["status"] == FILTERED for r in resample(rows[:3], {"0": -1.0}, {"0": 0}, 2))
 
 
 # ------------------------------------------------------------------------------ test sets
