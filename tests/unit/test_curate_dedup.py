@@ -9,6 +9,7 @@ import numpy as np
 
 from ray_pipeline.config import NearDedupSection
 from ray_pipeline.curate.dedup import (
+    PAIRS_UP_TO,
     bucket_edges,
     clusters,
     duplicate_notes,
@@ -74,12 +75,15 @@ def test_band_keys_are_equal_exactly_where_a_band_is():
     assert same[0, 0] != same[0, 1]
 
 
-def test_buckets_link_each_member_to_the_first_row():
-    keys = np.array([10, 10, 20, 10, 30], dtype=np.int64)
-    orders = np.array([5, 2, 7, 9, 1], dtype=np.int64)
+def test_buckets_link_every_pair_of_small_buckets_and_a_star_in_big_ones():
+    keys = np.array([10, 10, 20, 10, 30, 40, 40], dtype=np.int64)
+    orders = np.array([5, 2, 7, 9, 1, 4, 3], dtype=np.int64)
     a, b = bucket_edges(keys, orders)
-    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(5, 2), (9, 2)]
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(4, 3), (5, 2), (9, 2), (9, 5)]
     assert bucket_edges(np.zeros(0, np.int64), np.zeros(0, np.int64))[0].size == 0
+    big = np.arange(PAIRS_UP_TO + 1, dtype=np.int64)
+    a, b = bucket_edges(np.zeros_like(big), big)
+    assert a.tolist() == big[1:].tolist() and set(b.tolist()) == {0}
 
 
 def test_clusters_are_components_kept_at_their_first_row():
