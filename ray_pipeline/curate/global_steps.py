@@ -69,10 +69,10 @@ def partitions(rows: int, cfg: CurateSection) -> int:
     return max(1, math.ceil(rows / cfg.rows_per_partition))
 
 
-def source_ranks(ds: Any) -> dict[str, int]:
-    """{source: rank}: the order of the sources in the global row order (a small
-    aggregation: one entry per source file)."""
-    return {s: i for i, s in enumerate(sorted((s or "") for s in ds.unique("source")))}
+def source_ranks(sources: list[str | None]) -> dict[str, int]:
+    """{source: rank}: the order of the sources in the global row order (one entry per
+    source file)."""
+    return {s: i for i, s in enumerate(sorted({(s or "") for s in sources}))}
 
 
 def _hash_str(value: str) -> int:

@@ -130,6 +130,13 @@ def _ok(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch["status"], OK))
 
 
+def sources_and_labels(batch: pa.Table) -> Counter:
+    """("source", s) per row, ("label", l) per ok row."""
+    out = Counter(("source", s) for s in batch["source"].to_pylist())
+    out.update(("label", lab) for lab in _ok(batch)["label"].to_pylist())
+    return out
+
+
 def ok_labels(batch: pa.Table) -> Counter:
     return Counter(_ok(batch)["label"].to_pylist())
 
@@ -370,7 +377,10 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
     ds = ray.data.read_parquet(str(run.paths.generated_rows))
     rows_in = ds.count()
     parts = partitions(rows_in, c)
-    ranks = source_ranks(ds)
+    # One pass for what the steps need to know first: the sources and the labels as they come.
+    first = tally(ds, sources_and_labels)
+    ranks = source_ranks([k[1] for k in first if k[0] == "source"])
+    labels_before = Counter({k[1]: n for k, n in first.items() if k[0] == "label"})
     stats_cfg = StatsConfig(
         labels=cfg.task.labels,
         fractions=c.subsets.fractions,
@@ -378,7 +388,6 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         samples=c.samples_per_reason,
         ngram_rate=min(1.0, NGRAM_SAMPLE_ROWS / max(rows_in, 1)),
     )
-    labels_before = tally(ds, ok_labels)
     records, checked = test_records(cfg)
     index = TestIndex(records, c.dedup.near, c.test_sets.near_threshold)
     tokenizer = cfg.student_tokenizer() if c.rules.uses_tokens else None

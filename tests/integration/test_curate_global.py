@@ -281,16 +281,17 @@ def test_frozen_test_sets_refuse_an_overlapping_training_set(ray_local, tmp_path
     ):
         run_stages(cfg, ["generate", "curate"], "two")
     dropped = load_config(data={**base, "curate": {"test_sets": {"frozen": [str(frozen)]}}})
-    run = run_stages(dropped, ["generate", "curate"], "three")
+    run = run_stages(dropped, ["curate"], "two")  # the rows generated for "two"
     cur = json.loads((run.dir / "report.json").read_text())["curate"]
     assert cur["kept"] == 30 and cur["reasons"] == {"test_overlap": 10}
     # A frozen test set that changed is refused, naming it.
     test_file = frozen.parent / "indist.jsonl"
     test_file.write_text(test_file.read_text().replace('"label": "0"', '"label": "1"', 1))
     with pytest.raises(ValueError, match="test set 'indist' .* changed since it was frozen"):
-        run_stages(dropped, ["curate"], "three")
+        run_stages(dropped, ["curate"], "two")
 
 
+@pytest.mark.slow  # loads the MiniLM encoder in an actor
 def test_semantic_dedup_with_the_minilm_package(ray_local, tmp_path):
     """Sentence embeddings of the offline MiniLM (by package path) find reworded copies
     that share few characters; unrelated comments stay."""
