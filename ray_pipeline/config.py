@@ -835,11 +835,6 @@ class CurateSection(Section):
         description="Rows of one partition of a global step (dedup, vote, caps): one task "
         "holds one partition.",
     )
-    shuffle: Literal["sort", "hash"] = Field(
-        "sort",
-        description="Ray Data shuffle of the global steps: sort (range partitions made by "
-        "tasks; no start-up cost) or hash (aggregator actors; for very large data).",
-    )
 
 
 # ------------------------------------------------------------------------------------- train

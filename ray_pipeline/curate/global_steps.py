@@ -13,8 +13,8 @@ the rows that must meet into one task (a *partition*), then plain functions of
 * the clusters of near and semantic duplicates are connected components of the candidate
   links: one task over the links (their number grows with the duplicates, not the rows).
 
-Shuffles are Ray Data's sort shuffle by default (``curate.shuffle``): range partitions made
-by tasks, so a small run pays no start-up for aggregator actors.
+Shuffles are Ray Data's sort shuffle (set by the stage): range partitions made by tasks, so
+a small run pays no start-up for aggregator actors.
 """
 
 from __future__ import annotations

@@ -346,11 +346,12 @@ def _refuse_overlap(stats: Stats) -> None:
 def run_curate(run: Run, endpoint: Any = None) -> dict[str, Any]:
     import ray
 
+    # The global steps shuffle with Ray Data's sort shuffle: range partitions made by tasks.
+    # The default hash shuffle starts aggregator actors for every shuffle, seconds each on a
+    # small cluster, and the stage shuffles several times.
     ctx = ray.data.DataContext.get_current()
     previous = ctx.shuffle_strategy
-    ctx.shuffle_strategy = (
-        "sort_shuffle_pull_based" if run.cfg.curate.shuffle == "sort" else "hash_shuffle"
-    )
+    ctx.shuffle_strategy = "sort_shuffle_pull_based"
     try:
         return _curate(run, endpoint)
     finally:
