@@ -178,12 +178,10 @@ def _test_candidates(
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def build_test_sets(
-    ds: Any, cfg: DistillConfig, ranks: dict[str, int]
-) -> tuple[Any, dict[str, int]]:
+def build_test_sets(ds: Any, cfg: DistillConfig, ranks: dict[str, int]) -> Any:
     """Choose the rows of each configured test set among the ok gold-labelled rows (the
     smallest hash draws; candidates of about twice the size reach the driver, never the
-    rows) and hold them out. Returns (rows, {order: test set name})."""
+    rows) and hold them out."""
     labels = cfg.task.labels
     chosen: dict[int, str] = {}
     for spec in cfg.curate.test_sets.build:
@@ -214,7 +212,7 @@ def build_test_sets(
         ds = each_row(ds, hold_out, chosen={c["order"]: spec.name for c in picked}, ranks=ranks)
         ds = ds.materialize()
         log.info("curate: test set '%s': %d rows held out", spec.name, len(picked))
-    return ds, chosen
+    return ds
 
 
 def _draws(batch: pa.Table, label: str, seed: int) -> pa.Table:
@@ -410,10 +408,8 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         ds, sizes = semantic_duplicates(ds, c.dedup.semantic, ranks, parts, cfg.run.seed)
         ds = done("semantic_dedup", ds)
         steps["semantic_dedup"] = {"clusters_by_size": sizes, "clusters": sum(sizes.values())}
-    built: dict[int, str] = {}
     if c.test_sets.build:
-        ds, built = build_test_sets(ds, cfg, ranks)
-        ds = done("test_sets", ds)
+        ds = done("test_sets", build_test_sets(ds, cfg, ranks))
     if c.vote.enabled:
         ds = done("vote", each_row(ds, Vote(cfg.task)))
     ds = done("gold", each_row(ds, GoldCheck(c.gold, cfg.task)))
