@@ -96,24 +96,29 @@ def run_stages(
     return run
 
 
-def run_all(
-    cfg: DistillConfig,
-    run_id: str | None = None,
-    address: str | None = None,
-    until: str | None = None,
-) -> Run:
-    """The whole loop: generate, curate, train, sweep (when configured), evaluate, serve;
-    with `until`, only up to that stage (e.g. 'curate': build the dataset)."""
+def loop_stages(cfg: DistillConfig, until: str | None = None) -> list[str]:
+    """The stages of the whole loop for this config: generate, curate, train, sweep (when
+    configured), evaluate, serve (when enabled); with `until`, only up to that stage."""
     stages = ["generate", "curate", "train"]
     if cfg.sweep is not None:
         stages.append("sweep")
     stages.append("evaluate")
     if cfg.serve.enabled:
         stages.append("serve")
-    if until is not None:
-        if until not in stages:
-            raise ValueError(f"until={until!r}: this config runs the stages {', '.join(stages)}")
-        stages = stages[: stages.index(until) + 1]
-    run = run_stages(cfg, stages, run_id, address)
+    if until is None:
+        return stages
+    if until not in stages:
+        raise ValueError(f"until={until!r}: this config runs the stages {', '.join(stages)}")
+    return stages[: stages.index(until) + 1]
+
+
+def run_all(
+    cfg: DistillConfig,
+    run_id: str | None = None,
+    address: str | None = None,
+    until: str | None = None,
+) -> Run:
+    """The whole loop (``loop_stages``), e.g. up to 'curate' to build the dataset only."""
+    run = run_stages(cfg, loop_stages(cfg, until), run_id, address)
     log.info("report: %s", run.paths.report_md)
     return run
