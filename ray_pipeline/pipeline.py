@@ -20,6 +20,11 @@ log = logging.getLogger("distill")
 NEEDS_TEACHER = {"generate", "evaluate", "serve"}
 
 
+def needs_teacher(cfg: DistillConfig, stages: list[str]) -> bool:
+    """Whether one of `stages` calls the teacher (curate does when its judge is on)."""
+    return bool(NEEDS_TEACHER & set(stages)) or ("curate" in stages and cfg.curate.judge.enabled)
+
+
 def _stage(stage: str, run: Run, endpoint, **options) -> dict:
     # Imported here: each stage pulls in its own heavy libraries (torch, deepspeed, serve).
     if stage == "generate":
@@ -29,7 +34,7 @@ def _stage(stage: str, run: Run, endpoint, **options) -> dict:
     if stage == "curate":
         from ray_pipeline.curate.stage import run_curate
 
-        return run_curate(run)
+        return run_curate(run, endpoint)
     if stage == "train":
         from ray_pipeline.train.stage import run_train
 
@@ -83,7 +88,7 @@ def run_stages(
     run = open_run(cfg, run_id)
     log.info("run %s in %s", run.run_id, run.dir)
     init_ray(cfg, address)
-    if NEEDS_TEACHER & set(stages):
+    if needs_teacher(cfg, stages):
         with teacher_endpoint(run) as endpoint:
             _run_stages(run, stages, endpoint, options)
     else:
@@ -91,14 +96,29 @@ def run_stages(
     return run
 
 
-def run_all(cfg: DistillConfig, run_id: str | None = None, address: str | None = None) -> Run:
-    """The whole loop: generate, curate, train, sweep (when configured), evaluate, serve."""
+def loop_stages(cfg: DistillConfig, until: str | None = None) -> list[str]:
+    """The stages of the whole loop for this config: generate, curate, train, sweep (when
+    configured), evaluate, serve (when enabled); with `until`, only up to that stage."""
     stages = ["generate", "curate", "train"]
     if cfg.sweep is not None:
         stages.append("sweep")
     stages.append("evaluate")
     if cfg.serve.enabled:
         stages.append("serve")
-    run = run_stages(cfg, stages, run_id, address)
+    if until is None:
+        return stages
+    if until not in stages:
+        raise ValueError(f"until={until!r}: this config runs the stages {', '.join(stages)}")
+    return stages[: stages.index(until) + 1]
+
+
+def run_all(
+    cfg: DistillConfig,
+    run_id: str | None = None,
+    address: str | None = None,
+    until: str | None = None,
+) -> Run:
+    """The whole loop (``loop_stages``), e.g. up to 'curate' to build the dataset only."""
+    run = run_stages(cfg, loop_stages(cfg, until), run_id, address)
     log.info("report: %s", run.paths.report_md)
     return run

@@ -97,7 +97,28 @@ def render_markdown(report: dict[str, Any]) -> str:
         if cur.get("reasons"):
             out += [_table(["reason", "rows"], sorted(cur["reasons"].items())), ""]
         if cur.get("labels"):
-            out += [_table(["label", "rows"], sorted(cur["labels"].items())), ""]
+            before = cur.get("labels_before", {})
+            out += [
+                _table(
+                    ["label", "before", "kept"],
+                    [[lab, before.get(lab, ""), n] for lab, n in sorted(cur["labels"].items())],
+                ),
+                "",
+            ]
+        if cur.get("gold") and cur["gold"]["rows"]:
+            teachers = cur["gold"]["teachers"]
+            out += [
+                f"Against {cur['gold']['rows']} gold labels: row labels "
+                f"{cur['gold']['accuracy']} correct.",
+                "",
+                _table(
+                    ["teacher", "answers", "accuracy"],
+                    [[t, v["answers"], v["accuracy"]] for t, v in sorted(teachers.items())],
+                ),
+                "",
+            ]
+        if cur.get("outputs", {}).get("card"):
+            out += [f"Data card: `{cur['outputs']['card']}`", ""]
     if tr := report.get("train"):
         out += [
             "## Train",

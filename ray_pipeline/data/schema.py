@@ -47,6 +47,7 @@ ROW_SCHEMA = pa.schema(
         pa.field("scores", pa.string()),  # JSON, e.g. judge scores
         pa.field("votes", pa.string()),  # JSON, e.g. labels from several teachers
         pa.field("gold", pa.string()),  # human gold label, normalised like `label`
+        pa.field("user", pa.string()),  # who sent the request (data.logs[].user_field)
         pa.field("split", pa.string()),  # train | val | test
     ]
 )
@@ -78,6 +79,13 @@ def dumps(value: Any) -> str:
     """JSON text of a nested value, keys in their original order (a chain-of-thought answer
     keeps its reasons before its verdict)."""
     return json.dumps(value, ensure_ascii=False)
+
+
+def answer_json(label_key: str, label: str) -> str:
+    """The canonical answer of a label, as the teacher writes it: ``{"toxic": 1}`` (a label
+    that is a whole number is written as a number)."""
+    value: Any = int(label) if label.lstrip("-").isdigit() else label
+    return dumps({label_key: value})
 
 
 def normalize_label(value: Any, labels: list[str], aliases: dict[str, str]) -> str | None:

@@ -33,7 +33,15 @@ import pyarrow.parquet as pq
 
 from ray_pipeline.config import LogSource, TaskSection
 from ray_pipeline.data.prompts import Prompt, last_user_content
-from ray_pipeline.data.schema import FAILED, dumps, new_row, normalize_label, row_id, to_table
+from ray_pipeline.data.schema import (
+    FAILED,
+    answer_json,
+    dumps,
+    new_row,
+    normalize_label,
+    row_id,
+    to_table,
+)
 
 MALFORMED = "malformed_record"
 INVALID_UTF8 = "invalid_utf8"
@@ -210,10 +218,24 @@ def _record_fields(
         if src.response_field is not None:
             resp = rec.get(src.response_field)
             if isinstance(resp, str) and resp.strip():
-                fields.update(response=resp, teacher=f"recorded:{src.response_field}")
+                fields.update(response=resp, teacher=src.teacher_name)
+            if src.vote_fields:
+                fields["votes"] = dumps(_recorded_votes(rec, src))
     if src.gold_field is not None and rec.get(src.gold_field) not in (None, ""):
         gold = rec[src.gold_field]
         fields["gold"] = normalize_label(gold, task.labels, task.label_aliases) or str(gold)
+    if src.label_from == "gold":
+        if "gold" not in fields:
+            raise ValueError(f"no gold label in field {src.gold_field!r} (label_from: gold)")
+        # An unknown gold label stays as written, for curation to filter with its reason.
+        fields.update(
+            response=answer_json(task.label_key, fields["gold"]), teacher=src.teacher_name
+        )
+    user = rec.get(src.user_field) if src.user_field is not None else None
+    if user is None and _is_openai_record(rec):
+        user = rec["request"].get("user")
+    if user not in (None, ""):
+        fields["user"] = str(user)
     for name, value in fields.items():
         # JSON may escape a lone surrogate ("\ud800"): no UTF-8 text can hold it.
         if isinstance(value, str) and _SURROGATE.search(value):
@@ -221,14 +243,36 @@ def _record_fields(
     return fields
 
 
+def _recorded_votes(rec: dict[str, Any], src: LogSource) -> list[dict[str, Any]]:
+    """The recorded answers of one record as votes (labels are added when parsing)."""
+    votes = []
+    for name, field in [(src.teacher_name, src.response_field), *src.vote_fields.items()]:
+        text = rec.get(field)
+        if isinstance(text, str) and text.strip():
+            votes.append({"teacher": name, "sample": 0, "response": text})
+        else:
+            votes.append(
+                {
+                    "teacher": name,
+                    "sample": None,
+                    "response": None,
+                    "error": f"no answer in {field!r}",
+                }
+            )
+    return votes
+
+
 def log_rows(
     f: BinaryIO, path: str, src: LogSource, prompt: Prompt, task: TaskSection
 ) -> Iterator[dict[str, Any]]:
-    """The rows of one log file, streamed: one per record (at most ``src.limit``), the ones
-    that could not be read as failed rows with their reason."""
+    """The rows of one log file, streamed: one per record (records ``src.skip`` to
+    ``src.skip + src.limit``), the ones that could not be read as failed rows with their
+    reason."""
     fmt = detect_format(path, src.format)
     for n, (line, rec, error, raw) in enumerate(iter_records(f, fmt)):
-        if src.limit is not None and n >= src.limit:
+        if not src.reads(n):
+            if n < src.skip:
+                continue
             return
         if error is None:
             try:

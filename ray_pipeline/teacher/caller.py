@@ -56,11 +56,13 @@ def ask_specs(
     endpoint: TeacherEndpoint,
     params: dict[str, Any] | None = None,
     voters: bool = True,
+    model: str | None = None,
 ) -> list[AskSpec]:
     """The main teacher and its voters, resolved against the running endpoint. `params` go to
     the main teacher's requests only (over its temperature, max_tokens and n): the seed
-    expansion's sampling, the generate stage's logprob request. Voters on another endpoint
-    read their key from their own environment variable."""
+    expansion's sampling, the generate stage's logprob request. `model` asks another model of
+    the main teacher's endpoint (the curate judge). Voters on another endpoint read their key
+    from their own environment variable."""
 
     def price(model: str) -> tuple[float, float] | None:
         p = cfg.prices.get(model)
@@ -73,16 +75,17 @@ def ask_specs(
         **(params or {}),
     }
     base_url, ident = endpoint.base_url, endpoint.identity
+    main_model = model or cfg.model
     specs = [
         AskSpec(
             "main",
             ident,
             base_url,
             endpoint.api_key,
-            cfg.model,
+            main_model,
             main_params,
             None,
-            price(cfg.model),
+            price(main_model),
         )
     ]
     for v in cfg.voters if voters else []:

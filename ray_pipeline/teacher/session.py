@@ -102,13 +102,20 @@ class TeacherSession:
         n = self.block_rows
         return ray.data.from_arrow([table.slice(i, n) for i in range(0, table.num_rows, n)])
 
-    def pool(self, ds, params: dict[str, Any] | None = None, voters: bool = True):
+    def pool(
+        self,
+        ds,
+        params: dict[str, Any] | None = None,
+        voters: bool = True,
+        model: str | None = None,
+    ):
         """`ds` (in blocks of at most ``block_rows``: see ``dataset``) with every row that
-        needs one answered by the teacher, through an actor pool."""
+        needs one answered by the teacher, through an actor pool (`model`: another model of
+        the teacher's endpoint, e.g. the curate judge)."""
         import ray
 
         t = self.run.cfg.teacher
-        specs = ask_specs(t, self.endpoint, params, voters)
+        specs = ask_specs(t, self.endpoint, params, voters, model)
         ds = ds.repartition(target_num_rows_per_block=self.block_rows)
         return ds.map_batches(
             TeacherCaller,

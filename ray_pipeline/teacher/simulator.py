@@ -6,7 +6,9 @@ It answers ``POST /v1/chat/completions`` and ``GET /v1/models``:
   ``*.responses.csv``, answering with its ``simple_prompt`` column), the input being recovered
   from the prompt by the task's template;
 * for the built-in **quickstart** task by its rule, wrong on a configurable share of answers;
-* for **seed expansion** prompts (the run's expansion template) with new quickstart-style inputs.
+* for **seed expansion** prompts (the run's expansion template) with new quickstart-style inputs;
+* for **judge** prompts (the run's ``curate.judge.rubric``, when the judge is on) with a score
+  1-5 and a reason (``judgement``): by the quickstart rule where it applies, else a seeded draw.
 
 Answers carry token ``usage`` (about 4 characters per token) after a latency drawn from a fixed,
 normal or lognormal distribution. Asked for ``logprobs`` (and ``top_logprobs``), an answer
@@ -91,6 +93,51 @@ def load_replay(path: str | Path, input_field: str, response_field: str) -> dict
         if rec[response_field] not in (None, ""):
             table[str(rec[input_field])] = str(rec[response_field])
     return table
+
+
+def judgement(
+    text: str,
+    answer: str,
+    rule: str | None,
+    task: tuple[str, list[str], dict[str, str]],
+    seed: int,
+) -> str:
+    """The simulated judge's JSON verdict on `answer` to the input `text`. With the quickstart
+    rule: 5 for the right label in JSON, 4 for the right label in another format, 2 for a
+    wrong label; 1 for an answer without a valid label (any task); otherwise a seeded draw
+    from 1 to 5 (there is no truth to judge by)."""
+    label_key, labels, aliases = task
+    parsed = parse_answer(answer, label_key, labels, aliases)
+    if parsed.label is None:
+        score, why = 1, "the answer has no valid label"
+    elif rule == "quickstart":
+        if parsed.label != synthetic.true_label(text):
+            score, why = 2, f"the label {parsed.label} is wrong for this comment"
+        elif parsed.mode == "json":
+            score, why = 5, "the right label, in the requested JSON"
+        else:
+            score, why = 4, "the right label, not in plain JSON"
+    else:
+        score = 1 + int(synthetic.stable_fraction("judge", seed, text, answer) * 5)
+        why = "a simulated judgement (no rule for this task)"
+    return json.dumps({"score": score, "reason": why})
+
+
+def _slots_regex(template: str, names: tuple[str, ...]) -> re.Pattern:
+    """A regex for a template whose {name} slots (only `names`; a slot may repeat) become
+    groups; everything else is literal."""
+    pattern = "|".join(re.escape("{" + n + "}") for n in names)
+    parts = re.split(f"({pattern})", template)
+    seen: set[str] = set()
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            out.append(re.escape(part))
+            continue
+        name = part[1:-1]
+        out.append(f"(?P={name})" if name in seen else f"(?P<{name}>.*?)")
+        seen.add(name)
+    return re.compile("^" + "".join(out) + "$", re.S)
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -269,6 +316,8 @@ class Simulator:
             self.replay.update(load_replay(src.path, src.input_field, src.response_field))
         seeds = cfg.data.seeds
         self._expansion = _template_regex(seeds.template) if seeds is not None else None
+        judge = cfg.curate.judge
+        self._judge = _slots_regex(judge.rubric, ("input", "answer")) if judge.enabled else None
         # Separate streams, so changing the latency distribution leaves which requests fault alone.
         self._fault_rng = random.Random(f"{spec.seed}:faults")
         self._latency_rng = random.Random(f"{spec.seed}:latency")
@@ -519,6 +568,13 @@ class Simulator:
             if m is not None:
                 self.counts["expansion"] += 1
                 return [self._expand(user, m, i, body) for i in range(n)], [None] * n
+        if self._judge is not None:
+            m = self._judge.match(user)
+            if m is not None:
+                self.counts["judge"] += 1
+                task = (self.label_key, self.labels, self.label_aliases)
+                verdict = judgement(m["input"], m["answer"], self.spec.rule, task, self.spec.seed)
+                return [verdict] * n, [None] * n
         text = self._input_of(user)
         seed = self.spec.seed
         if text in self.replay:

@@ -15,13 +15,15 @@ its end cut past ``max_seq_len``) and learns the index of the row's label in the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+# The subsets' rule lives below the stages: curate records the subsets train trains on.
+from ray_pipeline.data.subsets import in_subset, stable_unit
 
 if TYPE_CHECKING:
     import torch
@@ -95,26 +97,10 @@ def load_examples(
     return out
 
 
-def stable_unit(*keys: object) -> float:
-    """A number in [0, 1) fixed by the keys: the same in every process and every run."""
-    digest = hashlib.sha256("\x00".join(map(str, keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
 def is_validation(row_id: str, val_fraction: float) -> bool:
     """Whether a row belongs to the validation split. By a hash of the id alone (no seed), so a
     row stays on its side across runs, sweeps and dataset growth."""
     return stable_unit("val", row_id) < val_fraction
-
-
-def in_subset(row_id: str, fraction: float, seed: int) -> bool:
-    """Whether a training row belongs to the `fraction` subset of `seed` (dataset-size
-    ablations). By a hash of seed and id, so the subsets of one seed are nested (the 50%
-    subset is inside the 100% one), do not depend on row order, and a streaming pipeline
-    decides row by row. A subset holds about `fraction` of the rows, not exactly."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    return fraction == 1 or stable_unit("subset", seed, row_id) < fraction
 
 
 def in_split(row_id: str, split: Literal["train", "val"], val_fraction: float) -> bool:

@@ -42,7 +42,7 @@ def test_curate_keeps_good_rows_and_says_why_it_dropped_the_rest(
             "task": synthetic.TASK,
             "teacher": {"base_url": url, "api_key_env": "CURATE_KEY", "cache": {"enabled": False}},
             "data": {"logs": [{"path": str(logs), "response_field": "answer"}]},
-            "curate": {"min_chars": 5, "exclude_patterns": ["https?://"]},
+            "curate": {"rules": {"min_chars": 5, "deny_patterns": ["https?://"]}},
             "evaluate": {"test_sets": [{"name": "held", "path": str(test_set)}]},
         }
     )
@@ -70,6 +70,6 @@ def test_curate_keeps_good_rows_and_says_why_it_dropped_the_rest(
     manifest = json.loads((run.dir / "dataset" / "manifest.json").read_text())
     assert manifest["counts"] == {"in": 28, "ok": 20, "filtered": 6, "failed": 2}
     assert (
-        manifest["filters"]["exclude_patterns"] == ["https?://"]
+        manifest["settings"]["rules"]["deny_patterns"] == ["https?://"]
         and manifest["labels"] == report["labels"]
     )

@@ -50,3 +50,23 @@ def test_a_bad_config_is_refused_with_its_field_path(root, entry):
     cmd = [sys.executable, *entry, "configs/quickstart.yaml", "--set", "train.epochs=-1"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "train.epochs: Input should be greater than 0" in proc.stderr
+
+
+def test_run_until_a_stage_that_is_not_one_is_refused(root, tmp_path):
+    cmd = [sys.executable, "-m", "ray_pipeline.cli", "run", "configs/quickstart.yaml"]
+    cmd += ["--set", f"run.output_dir={tmp_path}", "--until", "curation"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--until 'curation' is not a stage" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_until_stops_after_that_stage(in_root):
+    from ray_pipeline.config import load_config
+    from ray_pipeline.pipeline import loop_stages
+
+    cfg = load_config("configs/quickstart.yaml")
+    assert loop_stages(cfg, until="curate") == ["generate", "curate"]
+    assert loop_stages(cfg) == list(STAGES)
+    cfg.sweep = None
+    with pytest.raises(ValueError, match="until='sweep': this config runs the stages"):
+        loop_stages(cfg, until="sweep")

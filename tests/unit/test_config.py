@@ -106,12 +106,12 @@ def test_integer_labels_become_strings():
 
 def test_bad_regex_and_fractions_rejected():
     data = _base()
-    data["curate"] = {"exclude_patterns": ["(unclosed"]}
+    data["curate"] = {"rules": {"deny_patterns": ["(unclosed"]}}
     data["sweep"] = {"fractions": [0.0, 1.5]}
     with pytest.raises(ConfigError) as exc:
         load_config(data=data)
     joined = "\n".join(exc.value.problems)
-    assert "curate.exclude_patterns: pattern '(unclosed' does not compile" in joined
+    assert "curate.rules.deny_patterns: pattern '(unclosed' does not compile" in joined
     assert "sweep.fractions: fractions must be non-empty and in (0, 1]" in joined
 
 

@@ -195,3 +195,52 @@ def test_a_log_streams_as_blocks_with_every_record_once(tmp_path):
     assert {r["source"] for r in rows} == {str(path)}
     limited = list(log_blocks(LogSource(path=path, limit=20), TASK, block_rows=8))
     assert [b.num_rows for b in limited] == [8, 8, 4]
+
+
+def test_skip_limit_teacher_names_votes_users_and_gold_answers():
+    lines = [
+        json.dumps(
+            {
+                "input": f"text {i}",
+                "a": '{"label": 1}',
+                "b": '{"label": 0}' if i else "",
+                "g": "0",
+                "who": f"u{i}",
+            }  # fmt: skip
+        )
+        for i in range(5)
+    ]
+    data = "\n".join(lines).encode()
+    voted = LogSource(
+        path="l.jsonl", response_field="a", teacher="gpt", vote_fields={"cot": "b"},
+        user_field="who", limit=2,
+    )  # fmt: skip
+    rows = rows_of(data, "l.jsonl", voted)
+    assert [r["source_line"] for r in rows] == [1, 2]
+    assert [r["teacher"] for r in rows] == ["gpt", "gpt"] and rows[1]["user"] == "u1"
+    assert json.loads(rows[0]["votes"]) == [
+        {"teacher": "gpt", "sample": 0, "response": '{"label": 1}'},
+        {"teacher": "cot", "sample": None, "response": None, "error": "no answer in 'b'"},
+    ]
+    assert json.loads(rows[1]["votes"])[1]["response"] == '{"label": 0}'
+    gold = LogSource(path="l.jsonl", gold_field="g", label_from="gold", skip=3)
+    rows = rows_of(data, "l.jsonl", gold)
+    assert [r["source_line"] for r in rows] == [4, 5]
+    assert all(r["response"] == '{"label": 0}' and r["teacher"] == "gold:g" for r in rows)
+    assert rows[0]["gold"] == "0"
+
+
+def test_gold_answers_need_a_gold_label_and_keep_an_unknown_one_for_curation():
+    data = b'{"input": "a", "g": "maybe"}\n{"input": "b"}\n'
+    rows = rows_of(data, "l.jsonl", LogSource(path="l.jsonl", gold_field="g", label_from="gold"))
+    assert rows[0]["response"] == '{"label": "maybe"}' and rows[0]["gold"] == "maybe"
+    assert rows[1]["status"] == FAILED and "no gold label in field 'g'" in rows[1]["reason"]
+
+
+def test_openai_records_name_their_user():
+    rec = {
+        "request": {"messages": [{"role": "user", "content": "Q: hi\nA:"}], "user": "alice"},
+        "response": {"choices": [{"message": {"content": '{"label": 1}'}}]},
+    }
+    rows = rows_of(json.dumps(rec).encode(), "r.jsonl", LogSource(path="r.jsonl"))
+    assert rows[0]["user"] == "alice" and rows[0]["input"] == "hi"
