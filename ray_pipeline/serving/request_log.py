@@ -12,6 +12,11 @@ named by the replica that wrote them, so replicas never share a file::
 
     <dir>/2025-06-01T13/requests-<replica>.jsonl             (appended at every flush)
     <dir>/2025-06-01T13/requests-<replica>-000001.parquet     (one file per flush)
+    <dir>/2025-06-01T13/rejected-<replica>.jsonl             (requests refused as bad input)
+
+Requests refused as bad input (a 4xx other than 429: malformed, unknown model, too long) go
+to the ``rejected`` files: every request is logged, and the next round reads only inputs a
+client could rightly send (answered ones, and those a target failed on).
 
 The router writes these files from a background thread (``serve_apps.request_log``); the
 serve stage lists and reads them (``log_files``, ``served_inputs``).
@@ -105,6 +110,15 @@ SCHEMA = pa.schema(
 )
 
 
+REQUESTS, REJECTED = "requests", "rejected"
+
+
+def refused(record: dict[str, Any]) -> bool:
+    """A request refused as bad input (a 4xx other than 429): kept in the ``rejected`` files,
+    out of the next round's log (its input may be a 1 MB prompt or no input at all)."""
+    return 400 <= record["status"] < 500 and record["status"] != 429
+
+
 def partition_of(ts: float, granularity: str) -> str:
     return time.strftime(_PARTITIONS[granularity], time.gmtime(ts))
 
@@ -132,17 +146,23 @@ class RequestLogFiles:
         for part, recs in sorted(by_part.items()):
             folder = self.dir / part
             folder.mkdir(parents=True, exist_ok=True)
-            if self.fmt == "jsonl":
-                written.append(self._append_jsonl(folder / f"requests-{self.writer}.jsonl", recs))
-            else:
-                self._seq += 1
-                path = folder / f"requests-{self.writer}-{self._seq:06d}.parquet"
-                # Written aside and renamed: a reader never sees half a file.
-                tmp = path.with_name(f".{path.name}.tmp")
-                pq.write_table(pa.Table.from_pylist(recs, schema=SCHEMA), tmp)
-                tmp.replace(path)
-                written.append(path)
+            kept = [r for r in recs if not refused(r)]
+            rejected = [r for r in recs if refused(r)]
+            for kind, batch in ((REQUESTS, kept), (REJECTED, rejected)):
+                if batch:
+                    written.append(self._write(folder, kind, batch))
         return written
+
+    def _write(self, folder: Path, kind: str, records: list[dict[str, Any]]) -> Path:
+        if self.fmt == "jsonl":
+            return self._append_jsonl(folder / f"{kind}-{self.writer}.jsonl", records)
+        self._seq += 1
+        path = folder / f"{kind}-{self.writer}-{self._seq:06d}.parquet"
+        # Written aside and renamed: a reader never sees half a file.
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), tmp)
+        tmp.replace(path)
+        return path
 
     @staticmethod
     def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -159,11 +179,10 @@ class RequestLogFiles:
         return path
 
 
-def log_files(directory: str | os.PathLike) -> list[Path]:
-    """Every request log file under `directory`, oldest partition first (what the next
-    round's ``data.logs`` lists)."""
+def log_files(directory: str | os.PathLike, kind: str = REQUESTS) -> list[Path]:
+    """Every request log file under `directory` (``kind`` 'rejected': the refused requests'
+    files), oldest partition first: what the next round's ``data.logs`` lists."""
     root = Path(directory)
     if not root.is_dir():
         return []
-    files = [*root.glob("*/requests-*.jsonl"), *root.glob("*/requests-*.parquet")]
-    return sorted(files)
+    return sorted([*root.glob(f"*/{kind}-*.jsonl"), *root.glob(f"*/{kind}-*.parquet")])

@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import statistics
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -69,6 +70,17 @@ def deploy_config(config: dict[str, Any], timeout_s: float = 300.0, poll_s: floa
                     f"({'failed' if failed else f'timeout {timeout_s}s'}): {message} {details}"
                 )
             time.sleep(poll_s)
+
+
+def stop_serve(timeout_s: float) -> None:
+    """Shut Serve down, waiting at most `timeout_s` for its controller. `serve.shutdown()`
+    waits 30 s for a controller that is already gone, which it is when a SIGTERM reached the
+    whole process group (systemd, `kill -- -PGID`): Ray's own processes got it too."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().shutdown(timeout_s=timeout_s)
+    serve.shutdown()  # forgets the client (the controller is stopped already)
 
 
 def free_port(host: str) -> int:
@@ -296,23 +308,28 @@ def drift_section(run: Run, ref_path: str | None, files: list[Path]) -> dict[str
     }
 
 
-def _serve_until_stopped(url: str) -> None:
-    """Block until Ctrl-C or SIGTERM (both end in KeyboardInterrupt here)."""
+def _serve_until_stopped(url: str) -> str:
+    """Block until Ctrl-C or SIGTERM; returns the signal's name. The handlers only set an
+    event (an exception raised wherever the main thread happens to be could escape the
+    clean shutdown); a second signal, once the first is being handled, interrupts as usual."""
+    stop = threading.Event()
+    got: list[str] = []
 
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    def handler(signum: int, frame: Any) -> None:
+        got.append(signal.Signals(signum).name)
+        stop.set()
 
     # Both set here: a process started in the background inherits SIGINT ignored.
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log.info("serving until interrupted (Ctrl-C or SIGTERM) at %s", url)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        log.info("stopping")
+        log.info("serving until interrupted (Ctrl-C or SIGTERM) at %s", url)
+        while not stop.wait(1.0):
+            pass
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    log.info("stopping (%s)", got[0])
+    return got[0]
 
 
 def run_serve(run: Run, endpoint: TeacherEndpoint) -> dict[str, Any]:
@@ -334,7 +351,7 @@ def run_serve(run: Run, endpoint: TeacherEndpoint) -> dict[str, Any]:
     deploy_s = time.perf_counter() - started
     url = f"http://{sc.host}:{port}/v1"
     log.info("serving %s at %s (mode %s)", students, url, sc.mode)
-    stopped = False
+    stopped_by = None
     try:
         inputs = (
             [json.loads(r["messages"]) for r in test_set_rows(cfg)][: sc.smoke_requests]
@@ -347,12 +364,11 @@ def run_serve(run: Run, endpoint: TeacherEndpoint) -> dict[str, Any]:
             run.write_section(
                 "serve", _section(run, args, students, origin, url, deploy_s, results, out)
             )
-            _serve_until_stopped(url)
-            stopped = True
+            stopped_by = _serve_until_stopped(url)
     finally:
-        serve.shutdown()
+        stop_serve(sc.shutdown_timeout_s + 3.0)
     section = _section(run, args, students, origin, url, deploy_s, results, out)
-    section["stopped_by_user"] = stopped
+    section["stopped_by"] = stopped_by  # SIGINT (Ctrl-C) or SIGTERM; None: not kept running
     return section
 
 
