@@ -14,7 +14,7 @@ Prints one JSON object:
   (proxy, router, handle calls) is the bottleneck whatever the batching.
 * ``failed_during_reweight``: requests not answered 200 while, under ``--clients`` clients,
   the canary weight of a second student goes 1% -> 10% -> 50% -> 100% (admin endpoint) and
-  back to 1% (a Serve config update of the RouterControl's user_config: only that replica is
+  back to 5% (a Serve config update of the RouterControl's user_config: only that replica is
   reconfigured); ``reweight_shares``: the share that student got at each step.
 * ``shadow_overhead_p50_ms``: one client, the router in shadow mode (the student answers, a
   copy goes to the teacher) minus the router with no shadow, requests alternating.
@@ -193,10 +193,11 @@ class Load:
             while sent < requests and time.monotonic() < deadline:
                 i = sent
                 sent += 1
+                started = time.monotonic()
                 _, status, target = await self.one(path, i, max_tokens)
                 failed += status != 200
                 if tally is not None:
-                    tally.append((time.monotonic(), target, status))
+                    tally.append((started, target, status))  # by when it was sent
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -222,8 +223,9 @@ async def admin(base: str, path: str, weights: dict[str, float]) -> None:
 async def reweight_under_load(
     load: Load, base: str, config: dict[str, Any], clients: int, step_s: float
 ) -> dict[str, Any]:
-    """The canary goes 1% -> 10% -> 50% -> 100% by the admin endpoint, back to 1% by a Serve
-    config update, while `clients` clients keep sending."""
+    """The canary goes 1% -> 10% -> 50% -> 100% by the admin endpoint, back to 5% by a Serve
+    config update, while `clients` clients keep sending. (A config update applies when the
+    RouterControl's user_config differs from the one deployed before: 1% again would not.)"""
     from ray_pipeline.serving.stage import deploy_config
 
     tally: list[tuple[float, str | None, int]] = []
@@ -238,9 +240,9 @@ async def reweight_under_load(
             marks.append((time.monotonic(), w))
         await asyncio.sleep(step_s)
         canary = next(a for a in config["applications"] if a["name"] == "canary")
-        canary["deployments"][0]["user_config"]["weights"] = {"canary": 0.01, "student": 0.99}
+        canary["deployments"][0]["user_config"]["weights"] = {"canary": 0.05, "student": 0.95}
         await asyncio.to_thread(deploy_config, config)
-        marks.append((time.monotonic(), 0.01))
+        marks.append((time.monotonic(), 0.05))
         await asyncio.sleep(step_s)
 
     changer = asyncio.create_task(change())
@@ -364,6 +366,7 @@ def main() -> None:
                     statistics.median(sh["/shadow"]) - statistics.median(sh["/router"]), 2
                 ),
                 "clients": c,
+                "load_average_1m": round(os.getloadavg()[0], 1),
                 "latency_requests": args.latency_requests,
                 "max_tokens": MAX_TOKENS,
                 "cpus": os.cpu_count(),

@@ -346,20 +346,21 @@ def run_serve(run: Run, endpoint: TeacherEndpoint) -> dict[str, Any]:
     key_env = None if cfg.teacher.simulator.enabled else cfg.teacher.api_key_env
     args = app_args(run, endpoint.base_url, key_env)
     students, origin = students_of(run)
-    started = time.perf_counter()
-    deploy_config(serve_config(args))  # exactly what `serve deploy` of `serve build`'s file does
-    deploy_s = time.perf_counter() - started
     url = f"http://{sc.host}:{port}/v1"
-    log.info("serving %s at %s (mode %s)", students, url, sc.mode)
     stopped_by = None
     try:
+        started = time.perf_counter()
+        deploy_config(serve_config(args))  # what `serve deploy` of `serve build`'s file does
+        deploy_s = time.perf_counter() - started
+        log.info("serving %s at %s (mode %s)", students, url, sc.mode)
         inputs = (
             [json.loads(r["messages"]) for r in test_set_rows(cfg)][: sc.smoke_requests]
             if sc.smoke_requests
             else []
         )
         api_key = os.environ[sc.api_key_env] if sc.api_key_env else "none"
-        results = smoke_batch(url, inputs, cfg.evaluate.max_new_tokens, api_key) if inputs else []
+        max_tokens = min(cfg.evaluate.max_new_tokens, sc.max_new_tokens)
+        results = smoke_batch(url, inputs, max_tokens, api_key) if inputs else []
         if sc.keep_running:
             run.write_section(
                 "serve", _section(run, args, students, origin, url, deploy_s, results, out)
