@@ -181,6 +181,7 @@ class Load:
         max_s: float,
         tally: list | None = None,
         max_tokens: int = MAX_TOKENS,
+        stop: asyncio.Event | None = None,
     ) -> dict[str, Any]:
         """`clients` clients, each sending its next request when the last is answered, until
         `requests` were sent or `max_s` passed; requests/s and failures."""
@@ -190,7 +191,7 @@ class Load:
 
         async def client() -> None:
             nonlocal sent, failed
-            while sent < requests and time.monotonic() < deadline:
+            while sent < requests and time.monotonic() < deadline and not (stop and stop.is_set()):
                 i = sent
                 sent += 1
                 started = time.monotonic()
@@ -229,29 +230,37 @@ async def reweight_under_load(
     from ray_pipeline.serving.stage import deploy_config
 
     tally: list[tuple[float, str | None, int]] = []
-    marks: list[tuple[float, float]] = []  # (time, canary weight from then on)
-    steps = [0.1, 0.5, 1.0]
+    # (change started, change done, canary weight from then on): a change may apply any time
+    # in between; the admin endpoint's at once, a config update while it is deployed.
+    marks: list[tuple[float, float, float]] = []
+    done = asyncio.Event()
 
     async def change() -> None:
-        marks.append((time.monotonic(), 0.01))
-        for w in steps:
+        now = time.monotonic()
+        marks.append((now, now, 0.01))
+        for w in (0.1, 0.5, 1.0):
             await asyncio.sleep(step_s)
+            started = time.monotonic()
             await admin(base, "/canary", {"canary": w, "student": 1 - w})
-            marks.append((time.monotonic(), w))
+            marks.append((started, time.monotonic(), w))
         await asyncio.sleep(step_s)
         canary = next(a for a in config["applications"] if a["name"] == "canary")
         canary["deployments"][0]["user_config"]["weights"] = {"canary": 0.05, "student": 0.95}
+        started = time.monotonic()
         await asyncio.to_thread(deploy_config, config)
-        marks.append((time.monotonic(), 0.05))
+        marks.append((started, time.monotonic(), 0.05))
         await asyncio.sleep(step_s)
+        done.set()
 
     changer = asyncio.create_task(change())
-    result = await load.closed_loop("/canary", clients, 10**9, 5 * step_s + 30, tally)
+    result = await load.closed_loop("/canary", clients, 10**9, 6 * step_s + 60, tally, stop=done)
     await changer
     shares = []
-    for (t0, w), (t1, _) in zip(marks, [*marks[1:], (float("inf"), 0)], strict=True):
-        # Requests answered from half a second after a change (the routers poll twice a second).
-        window = [tgt for t, tgt, s in tally if t0 + 0.5 <= t < t1 and s == 200]
+    ends = [m[0] for m in marks[1:]] + [float("inf")]
+    for (_, applied, w), end in zip(marks, ends, strict=True):
+        # Requests sent from half a second after a change was done (router replicas poll
+        # twice a second) until the next one started.
+        window = [tgt for t, tgt, s in tally if applied + 0.5 <= t < end and s == 200]
         share = sum(tgt == "canary" for tgt in window) / len(window) if window else None
         shares.append({"weight": w, "requests": len(window), "share": share})
     return {"failed": result["failed"], "requests": result["requests"], "shares": shares}

@@ -1,6 +1,7 @@
 """`distill serve build` writes a Serve config file for the e2e run; `distill serve` serves
-until Ctrl-C (SIGINT to its whole process group, as a terminal sends it) or SIGTERM, then
-stops cleanly, as a user runs it (a subprocess with its own embedded Ray)."""
+until Ctrl-C (SIGINT to its whole process group, as a terminal sends it), then stops cleanly,
+as a user runs it (a subprocess with its own embedded Ray). SIGTERM takes the same path
+(``tests/unit/test_serve_parts.py``); both stop in about 4 s (measured, not asserted)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def test_serve_build_writes_a_deployable_serve_config(e2e_run, tmp_path):
     assert control.user_config["weights"] == {"student": 0.99, "teacher": 0.01}
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_distill_serve_stops_cleanly_on_ctrl_c_and_sigterm(e2e_run, tmp_path, how):
+@pytest.mark.slow
+def test_distill_serve_stops_cleanly_on_ctrl_c(e2e_run, tmp_path):
     # A run folder of its own (the e2e report: its checkpoints), so the e2e run keeps its own.
     run_dir = tmp_path / "runs" / "served"
     run_dir.mkdir(parents=True)
@@ -71,10 +72,7 @@ def test_distill_serve_stops_cleanly_on_ctrl_c_and_sigterm(e2e_run, tmp_path, ho
     else:
         pytest.fail("distill serve exited before serving:\n" + "".join(lines[-50:]))
     started = time.monotonic()
-    if how == "ctrl-c":
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: every process of the job
-    else:
-        os.kill(proc.pid, signal.SIGTERM)  # what a service manager sends the main process
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: every process of the job
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -84,7 +82,7 @@ def test_distill_serve_stops_cleanly_on_ctrl_c_and_sigterm(e2e_run, tmp_path, ho
     stopped_s = time.monotonic() - started
     assert proc.returncode == 0, "".join(lines[-20:]) + rest[-4000:]
     serve = load_report(run_dir)["serve"]
-    assert serve["stopped_by"] == ("SIGINT" if how == "ctrl-c" else "SIGTERM")
+    assert serve["stopped_by"] == "SIGINT"
     assert serve["requests"] == 3 and serve["errors"] == 0
     assert serve["request_log_files"] and serve["drift"]["inputs"] == 3
-    print(f"distill serve stopped {stopped_s:.1f}s after {how}")  # reported, not asserted
+    print(f"distill serve stopped {stopped_s:.1f}s after Ctrl-C")  # reported, not asserted

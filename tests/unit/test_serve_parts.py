@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -24,7 +26,7 @@ from ray_pipeline.serving.args import AppArgs
 from ray_pipeline.serving.drift import DriftMonitor, drift_figure, psi, reference
 from ray_pipeline.serving.live import apply_live, live_settings
 from ray_pipeline.serving.request_log import SCHEMA, RequestLogFiles, log_files, partition_of
-from ray_pipeline.serving.stage import serve_config
+from ray_pipeline.serving.stage import _serve_until_stopped, serve_config
 from ray_pipeline.teacher.client import TeacherCallError
 from ray_pipeline.teacher.quota import BudgetExhausted
 from serve_apps.protocol import Reply
@@ -312,3 +314,33 @@ def test_teacher_failures_become_the_right_status():
     assert (reply(400)["status"], reply(400)["code"]) == (400, "teacher_refused")
     budget = error_reply(BudgetExhausted("max_cost_usd 1.0 reached"))["error"]
     assert (budget["status"], budget["code"]) == (429, "insufficient_quota")
+
+
+def test_the_readmes_serve_example_is_a_valid_serve_section(root):
+    import re
+
+    import yaml
+
+    text = (root / "README.md").read_text()
+    block = re.search(r"```yaml\n(serve:.*?)```", text[text.index("## Serving") :], re.S)
+    data = _base()
+    data["serve"] = yaml.safe_load(block.group(1))["serve"]
+    serve = load_config(data=data).serve
+    assert serve.targets == ["student", "student-v2", "teacher"] and serve.api_key_env
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serving_waits_for_ctrl_c_or_sigterm_and_restores_the_handlers(sig):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def send() -> None:
+        # Only once the handler is in place (a SIGTERM before it would end the test run).
+        while signal.getsignal(sig) == before[sig]:
+            time.sleep(0.01)
+        os.kill(os.getpid(), sig)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert _serve_until_stopped("http://x") == sig.name
+    sender.join()
+    assert {s: signal.getsignal(s) for s in before} == before
