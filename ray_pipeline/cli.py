@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from ray_pipeline.config import ConfigError, DistillConfig, load_config
 
@@ -168,15 +169,65 @@ def evaluate(
     _run(["evaluate"], config, set, run_id, address)
 
 
-@app.command()
-def serve(
+class _ServeCommands(typer.core.TyperGroup):
+    """`distill serve CONFIG` is `distill serve run CONFIG`: the command it always was."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+serve_app = typer.Typer(
+    cls=_ServeCommands,
+    no_args_is_help=True,
+    help="Serve the run's students: `distill serve run CONFIG` (or `distill serve CONFIG`) "
+    "deploys locally until Ctrl-C; `distill serve build CONFIG` writes a Serve config file.",
+)
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("run")
+def serve_run(
     config: ConfigArg, set: SetOpt = None, run_id: RunIdOpt = None, address: AddressOpt = None
 ) -> None:
-    """Serve the run's student (in --run-id, else the newest run) until interrupted."""
+    """Serve the run's students (in --run-id, else the newest run) until Ctrl-C or SIGTERM."""
     overrides = list(set or [])
     if not any(o.startswith("serve.keep_running=") for o in overrides):
         overrides.insert(0, "serve.keep_running=true")  # `distill serve` is a server
     _run(["serve"], config, overrides, run_id, address)
+
+
+@serve_app.command("build")
+def serve_build(
+    config: ConfigArg,
+    set: SetOpt = None,
+    run_id: RunIdOpt = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Where to write it (default: runs/<id>/serve/serve.yaml)."
+        ),
+    ] = None,
+) -> None:
+    """Write the Serve config file of the run's app (for `serve deploy` or a KubeRay
+    RayService), with the run's student checkpoints resolved."""
+    from ray_pipeline.run_state import latest_run_id, open_run
+    from ray_pipeline.serving.stage import write_serve_config
+
+    _setup_logging()
+    cfg = _load(config, set)
+    run_id = run_id or latest_run_id(cfg)
+    if run_id is None:
+        typer.echo(
+            f"no earlier run of '{cfg.run.name}' in {cfg.run.output_dir}/: run "
+            f"`distill run {config}` first",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    run = open_run(cfg, run_id)
+    path = write_serve_config(run, output or run.paths.serve / "serve.yaml")
+    typer.echo(f"serve config: {path}")
 
 
 @app.command()

@@ -1213,18 +1213,181 @@ class EvaluateSection(Section):
 
 
 # ------------------------------------------------------------------------------------- serve
-class ServeSection(Section):
-    enabled: bool = Field(True, description="Deploy the student after evaluation.")
-    host: str = Field("127.0.0.1")
-    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
-    weights: dict[Literal["student", "teacher"], float] = Field(
-        default_factory=lambda: {"student": 0.9, "teacher": 0.1},
-        description="Traffic split between targets.",
+TEACHER_TARGET = "teacher"  # the teacher proxy's target name
+AUTO_MODEL = "auto"  # a request's `model` that lets the launch mode choose
+_TARGET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ServeStudentSection(Section):
+    checkpoint: Path | None = Field(
+        None,
+        description="Student checkpoint directory (distill_checkpoint.json inside). Null: this "
+        "run's student (the sweep's best trial when a sweep ran, else the train stage's). "
+        "LoRA students on the same base share one deployment: the base is loaded once per "
+        "replica and each request's `model` picks its adapter.",
     )
+
+
+class AutoscalingSection(Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0: scale to zero).")
+    max_replicas: int = Field(1, gt=0, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Requests in flight per replica that autoscaling aims at."
+    )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> AutoscalingSection:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ReplicaSection(Section):
+    """Resources and scaling of one kind of Serve deployment."""
+
+    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float | None = Field(
+        0.0,
+        ge=0,
+        description="GPUs per replica. For students null means 1 when train.use_gpu, else 0.",
+    )
+    max_ongoing_requests: int = Field(
+        256, gt=0, description="Requests one replica takes at once (more wait in the proxy)."
+    )
+    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+
+
+class BatchingSection(Section):
+    max_batch_size: int = Field(
+        16, gt=0, description="Student requests answered in one forward pass (1: no batching)."
+    )
+    wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a batch waits to fill before it runs anyway."
+    )
+
+
+class ShadowSection(Section):
+    primary: str = Field("student", description="Target whose answer the client gets.")
+    target: str = Field(
+        TEACHER_TARGET,
+        description="Target that gets a copy of each request in the background; its answer "
+        "is logged beside the primary's with their agreement, never returned.",
+    )
+    sample_rate: float = Field(
+        1.0, ge=0, le=1, description="Share of requests copied to the shadow (live setting)."
+    )
+
+
+class HybridSection(Section):
+    student: str = Field("student", description="Student that answers first.")
+    min_confidence: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="The teacher answers instead when the student's confidence is below this "
+        "(also when its answer is not in the task's format, or it errors or times out). "
+        "A live setting.",
+    )
+    student_timeout_s: float = Field(
+        5.0, gt=0, description="How long the student may take before the teacher answers."
+    )
+
+
+class RequestLogSection(Section):
+    enabled: bool = Field(True, description="Log every request and answer.")
+    dir: Path | None = Field(
+        None, description="Where the log files go (default: runs/<id>/serve/requests/)."
+    )
+    format: Literal["jsonl", "parquet"] = Field(
+        "jsonl", description="jsonl: appended per flush; parquet: one file per flush."
+    )
+    partition: Literal["minute", "hour", "day"] = Field(
+        "hour", description="One folder per UTC minute, hour or day."
+    )
+    flush_s: float = Field(
+        1.0, gt=0, description="Records are written in the background at least this often."
+    )
+
+
+class ServeSection(Section):
+    """The Serve application: students and the teacher behind an OpenAI-compatible router
+    (``serve_apps.router:app``) in one of three launch modes."""
+
+    enabled: bool = Field(True, description="Deploy the student after evaluation.")
+    host: str = Field("127.0.0.1", description="Interface the HTTP proxy listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
+    students: dict[str, ServeStudentSection] = Field(
+        default_factory=lambda: {"student": ServeStudentSection()},
+        description="The students served, by the model name clients ask for.",
+    )
+    mode: Literal["canary", "shadow", "hybrid"] = Field(
+        "canary",
+        description="canary: split traffic by `weights`; shadow: `shadow.primary` answers "
+        "and `shadow.target` gets a copy; hybrid: `hybrid.student` first, the teacher when "
+        "it is unsure, wrong in format, failing or slow.",
+    )
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"student": 0.9, TEACHER_TARGET: 0.1},
+        description="Canary traffic split over targets (student names and 'teacher'); need "
+        "not sum to 1. A live setting (admin endpoint or the RouterControl's user_config).",
+    )
+    sticky_header: str | None = Field(
+        "x-distill-user",
+        description="Canary: requests with the same value in this header (else the body's "
+        "`user`) always go to the same target. Null: every request is drawn anew.",
+    )
+    shadow: ShadowSection = Field(default_factory=ShadowSection)
+    hybrid: HybridSection = Field(default_factory=HybridSection)
+    batching: BatchingSection = Field(default_factory=BatchingSection)
+    student: ReplicaSection = Field(
+        default_factory=lambda: ReplicaSection(num_gpus=None, max_ongoing_requests=32),
+        description="Student deployments' resources and scaling.",
+    )
+    teacher: ReplicaSection = Field(
+        default_factory=ReplicaSection, description="Teacher proxy's resources and scaling."
+    )
+    router: ReplicaSection = Field(
+        default_factory=ReplicaSection, description="Router's resources and scaling."
+    )
+    request_log: RequestLogSection = Field(default_factory=RequestLogSection)
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable (of the Ray cluster) holding the bearer token "
+        "clients must send; null: no authentication. The token is never logged.",
+    )
+    admin_key_env: str | None = Field(
+        None,
+        description="Environment variable holding the bearer token of the admin endpoints "
+        "(live weights); null: admin endpoints refuse every request.",
+    )
+    max_new_tokens: int = Field(
+        64, gt=0, description="Most tokens a request may ask for (max_tokens)."
+    )
+    max_request_bytes: int = Field(
+        1_048_576, gt=0, description="Larger request bodies are refused (413)."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="How long a target may take to answer.")
+    shutdown_timeout_s: float = Field(
+        2.0, gt=0, description="How long a stopping replica waits for requests in flight."
+    )
+    seed: int | None = Field(None, description="Seed of the traffic split (default run.seed).")
     smoke_requests: int = Field(20, ge=0, description="Requests sent through the router.")
     keep_running: bool = Field(False, description="Keep serving after the run (Ctrl-C stops).")
-    num_cpus_per_replica: float = Field(0.25, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
+
+    @field_validator("students")
+    @classmethod
+    def _student_names(cls, v: dict[str, ServeStudentSection]) -> dict[str, ServeStudentSection]:
+        import re
+
+        bad = [n for n in v if not re.match(_TARGET_NAME, n) or n in (TEACHER_TARGET, AUTO_MODEL)]
+        if not v or bad:
+            raise ValueError(
+                f"give at least one student; names are letters, digits, '.', '_', '-' and "
+                f"not {TEACHER_TARGET!r} or {AUTO_MODEL!r}, got {sorted(v)}"
+            )
+        return v
 
     @field_validator("weights")
     @classmethod
@@ -1232,6 +1395,38 @@ class ServeSection(Section):
         if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
             raise ValueError(f"weights must be >= 0 and sum to > 0, got {v}")
         return v
+
+    @property
+    def targets(self) -> list[str]:
+        """Every target a request can be sent to: the students, then the teacher."""
+        return [*self.students, TEACHER_TARGET]
+
+    @model_validator(mode="after")
+    def _targets_known(self) -> ServeSection:
+        # Only the active mode's settings name targets that must exist.
+        targets = self.targets
+        if self.mode == "canary":
+            unknown = sorted(set(self.weights) - set(targets))
+            if unknown:
+                raise ValueError(f"weights name unknown targets {unknown}; targets: {targets}")
+        if self.mode == "shadow":
+            sh = self.shadow
+            for name, value in (("shadow.primary", sh.primary), ("shadow.target", sh.target)):
+                if value not in targets:
+                    raise ValueError(f"{name} {value!r} is not a target; targets: {targets}")
+            if sh.primary == sh.target:
+                raise ValueError(f"shadow.primary and shadow.target are both {sh.primary!r}")
+        if self.mode == "hybrid" and self.hybrid.student not in self.students:
+            raise ValueError(
+                f"hybrid.student {self.hybrid.student!r} is not a student: {list(self.students)}"
+            )
+        if self.student.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError(
+                f"student.max_ongoing_requests ({self.student.max_ongoing_requests}) must be "
+                f">= batching.max_batch_size ({self.batching.max_batch_size}): a replica could "
+                "never fill a batch"
+            )
+        return self
 
 
 # -------------------------------------------------------------------------------------- root

@@ -158,5 +158,29 @@ def render_markdown(report: dict[str, Any]) -> str:
             _table(["target", "requests"], sorted(sv.get("answered_by", {}).items())),
             "",
         ]
-        out += [f"Errors: {sv.get('errors', 0)}; endpoint: {sv.get('url')}", ""]
+        out += [
+            f"Mode: {sv.get('mode', 'canary')}; errors: {sv.get('errors', 0)}; endpoint: "
+            f"{sv.get('url')}; request log: `{sv.get('request_log')}` "
+            f"({len(sv.get('request_log_files', []))} files)",
+            "",
+        ]
+        if drift := sv.get("drift"):
+            out += [
+                "### Input drift against the training inputs",
+                "",
+                _table(
+                    ["inputs served", "length PSI", "unknown words (served)", "(training)"],
+                    [
+                        [
+                            drift["inputs"],
+                            drift["length_psi"],
+                            drift["unknown_word_rate"],
+                            drift["train_unknown_word_rate"],
+                        ]
+                    ],
+                ),
+                "",
+                f"![input drift]({Path(drift['figure']).parent.name}/{Path(drift['figure']).name})",
+                "",
+            ]
     return "\n".join(out) + "\n"

@@ -92,7 +92,8 @@ class RunPaths:
 
     @property
     def request_log(self) -> Path:
-        return self.serve / "requests.jsonl"
+        """The request log's folder: time partitions of JSONL or Parquet files."""
+        return self.serve / "requests"
 
 
 @dataclass

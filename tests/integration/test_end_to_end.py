@@ -65,7 +65,9 @@ def test_serve_split_traffic_and_logged_every_request(e2e_run, root, in_root):
     serve = load_report(e2e_run)["serve"]
     assert serve["requests"] == 12 and serve["errors"] == 0
     assert serve["answered_by"].get("student", 0) >= 6 and sum(serve["answered_by"].values()) == 12
-    log_lines = (e2e_run / "serve" / "requests.jsonl").read_bytes()
+    files = [Path(f) for f in serve["request_log_files"]]  # one per replica and hour
+    assert files and {f.parent.parent for f in files} == {e2e_run / "serve" / "requests"}
+    log_lines = b"".join(f.read_bytes() for f in files)
     records = [json.loads(x) for x in log_lines.splitlines()]
     assert len(records) == 12 and all(r["status"] == 200 for r in records)
     # The request log is the next round's input: it reads as a log, teacher answers kept.

@@ -1,0 +1,46 @@
+"""The arguments of the Serve application (``serve_apps.router:app``): the run config's own
+sections, resolved for serving, so every setting keeps its one definition in config.py.
+
+The serve stage builds them from a run (``serving.stage.app_args``); ``distill serve build``
+writes them into a Serve config file, where ``serve deploy`` or a KubeRay RayService passes
+them to the app builder, which validates them again with this model.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ray_pipeline.config import ServeSection, TaskSection, TeacherSection
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    serve: ServeSection = Field(
+        description="The run's serve section, resolved: student GPUs, seed and request log "
+        "folder filled in."
+    )
+    task: TaskSection = Field(description="The task (its prompt inline): answer format checks.")
+    teacher: TeacherSection = Field(description="The teacher: model, timeouts, retries, quota.")
+    teacher_base_url: str = Field(description="The teacher endpoint the proxy calls.")
+    teacher_api_key_env: str | None = Field(
+        description="Environment variable of the replicas holding the teacher's key (None: "
+        "the endpoint needs none, e.g. the simulator)."
+    )
+    students: dict[str, str] = Field(description="Student name -> checkpoint directory.")
+    drift_reference: str | None = Field(
+        None, description="JSON summary of the training inputs (serving.drift.reference)."
+    )
+
+    @model_validator(mode="after")
+    def _students_resolved(self) -> AppArgs:
+        if set(self.students) != set(self.serve.students):
+            raise ValueError(
+                f"students {sorted(self.students)} must be the serve section's "
+                f"{sorted(self.serve.students)}, each with its checkpoint"
+            )
+        if self.serve.request_log.enabled and self.serve.request_log.dir is None:
+            raise ValueError("serve.request_log.dir must be resolved to a folder")
+        if self.serve.student.num_gpus is None:
+            raise ValueError("serve.student.num_gpus must be resolved to a number")
+        return self
