@@ -10,6 +10,7 @@ import pytest
 
 from ray_pipeline.config import load_config
 from ray_pipeline.data import synthetic
+from ray_pipeline.data.prompts import Prompt
 from ray_pipeline.pipeline import run_stages
 from ray_pipeline.train.soft_targets import label_distribution
 
@@ -115,7 +116,21 @@ def test_a_classifier_student_learns_from_the_teachers_label_probabilities(ray_l
     assert section["distill"]["rows_with_teacher_logprobs"] == 160
     history = section["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"] / 2
-    assert section["threshold"]["val_score"] >= 0.85
+    # Scored on 200 comments it never saw, against the task's true rule: the teacher's labels
+    # are 10% wrong (its logprobs unsure there), and the ~16 validation rows are too few to
+    # score on.
+    from ray_pipeline.train.student import Student
+
+    texts = synthetic.generate_comments(
+        200, seed=24, exclude=set(synthetic.generate_comments(160, seed=23))
+    )
+    prompt = Prompt(synthetic.PROMPT)
+    answers = Student.load(section["checkpoint"]).answer([prompt.messages(t) for t in texts])
+    said = [str(json.loads(a.text)["toxic"]) for a in answers]
+    gold = [synthetic.true_label(t) for t in texts]
+    accuracy = sum(s == g for s, g in zip(said, gold, strict=True)) / len(texts)
+    majority = max(gold.count("0"), gold.count("1")) / len(texts)
+    assert accuracy >= 0.85 and accuracy >= majority + 0.25, (accuracy, majority)
 
 
 def test_a_causal_student_with_other_tokens_than_the_teacher_is_refused(ray_local, tmp_path):
