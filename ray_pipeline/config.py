@@ -103,7 +103,9 @@ class RaySection(Section):
         None, ge=1, description="CPUs of the embedded local Ray (default: all of this machine)."
     )
     runtime_env: dict[str, Any] = Field(
-        default_factory=dict, description="runtime_env passed to ray.init when joining a cluster."
+        default_factory=dict,
+        description="runtime_env passed to ray.init when joining a cluster from outside a Ray "
+        "job (a job's own runtime_env applies inside it: `distill submit --runtime-env`).",
     )
 
 
