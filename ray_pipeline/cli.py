@@ -52,9 +52,12 @@ def _setup_logging() -> None:
 
 
 def _load(config: Path, overrides: list[str] | None) -> DistillConfig:
+    """The config, its output paths resolved (a relative one under a Ray job is refused)."""
+    from ray_pipeline.run_state import resolve_storage
+
     try:
-        return load_config(config, overrides or [])
-    except ConfigError as e:
+        return resolve_storage(load_config(config, overrides or []))
+    except (ConfigError, ValueError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(EXIT_USAGE) from None
 
@@ -272,40 +275,37 @@ def submit(
     address: Annotated[
         str,
         typer.Option(
-            help="Ray dashboard address, e.g. http://head:8265 (or RAY_ADDRESS).",
+            help="The cluster's Jobs API, e.g. http://head:8265 (default: RAY_ADDRESS).",
             envvar="RAY_ADDRESS",
         ),
     ],
     job: Annotated[
-        str, typer.Option(help="Job to run: distill (whole loop) or a stage name.")
+        str, typer.Option(help="distill (the whole loop) or a stage: generate, curate, ...")
     ] = "distill",
     set: SetOpt = None,
-    wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
+    runtime_env: Annotated[
+        Path | None,
+        typer.Option(help="A runtime_env file to merge (e.g. cluster/runtime_env.yaml)."),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Stream the job's logs until it ends.")] = True,
 ) -> None:
-    """Submit a job to a Ray cluster with this project as its working_dir (`ray job submit`)."""
-    import shlex
-
-    from ray.job_submission import JobSubmissionClient
+    """Run `python -m jobs.<job> CONFIG` on a Ray cluster (Ray Jobs SDK) with this folder as
+    its working_dir (.gitignore respected, no .venv or runs/); exits with the job's status
+    and prints where the report is."""
+    from ray_pipeline.submit import load_runtime_env
+    from ray_pipeline.submit import submit as submit_job
 
     _load(config, set)  # fail here, not on the cluster, when the config is wrong
-    entry = ["python", "-m", f"jobs.{job}", str(config)] + [
-        a for kv in (set or []) for a in ("--set", kv)
-    ]
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=shlex.join(entry),
-        runtime_env={"working_dir": ".", "excludes": ["runs/", ".git/"]},
-    )
-    typer.echo(f"submitted {job_id}: {shlex.join(entry)}")
-    if wait:
-        import asyncio
-
-        async def follow() -> None:
-            async for lines in client.tail_job_logs(job_id):
-                sys.stdout.write(lines)
-
-        asyncio.run(follow())
-        typer.echo(f"{job_id}: {client.get_job_status(job_id)}")
+    try:
+        extra = load_runtime_env(runtime_env)
+        code = submit_job(
+            address, job, str(config), set or [], working_dir=Path.cwd(), extra_env=extra,
+            follow=wait, echo=typer.echo,
+        )  # fmt: skip
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    raise typer.Exit(code)
 
 
 def job(command: str) -> None:

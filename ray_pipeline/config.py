@@ -55,13 +55,42 @@ class RunSection(Section):
     name: str = Field("distill", description="Human name of the run; prefixes the run id.")
     output_dir: Path = Field(
         Path("runs"),
-        description="Where runs/<run_id>/ is written. On a multi-node cluster this must be "
-        "a path every node sees (NFS, a mounted bucket).",
+        description="Where <output_dir>/<run_id>/ is written. On a multi-node cluster a path "
+        "every node sees (NFS, EFS, Filestore, a mounted bucket). A relative path is taken "
+        "under run.storage_root when one is set; under `ray job submit` without one it is "
+        "refused (it would land in the job's temporary copy of the project).",
+    )
+    storage_root: Path | None = Field(
+        None,
+        description="Absolute folder that relative run.output_dir, teacher.cache.dir and "
+        "train.storage_path are taken under. Default: the DISTILL_STORAGE_ROOT environment "
+        "variable (set it on every node of a cluster, e.g. /mnt/shared), else the working "
+        "directory.",
     )
     run_id: str | None = Field(
         None, description="Fixed run id (re-use a run folder); default: <name>-<timestamp>."
     )
     seed: int = Field(0, description="Seed for every random choice of the run.")
+
+    @field_validator("output_dir", "storage_root", mode="before")
+    @classmethod
+    def _local_folder(cls, value: Any) -> Any:
+        # Every stage reads and writes the run folder with local file APIs (Ray Data writes
+        # from each node): a bucket works mounted (gcsfuse, s3fs), not as a URI.
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(
+                "must be a folder path (on a cluster one every node sees: NFS, EFS, Filestore "
+                "or a bucket mounted with gcsfuse/s3fs); cloud URIs are taken by "
+                "train.storage_path and teacher.cache.dir"
+            )
+        return value
+
+    @field_validator("storage_root")
+    @classmethod
+    def _absolute_root(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
 
 
 class RaySection(Section):
@@ -74,7 +103,9 @@ class RaySection(Section):
         None, ge=1, description="CPUs of the embedded local Ray (default: all of this machine)."
     )
     runtime_env: dict[str, Any] = Field(
-        default_factory=dict, description="runtime_env passed to ray.init when joining a cluster."
+        default_factory=dict,
+        description="runtime_env passed to ray.init when joining a cluster from outside a Ray "
+        "job (a job's own runtime_env applies inside it: `distill submit --runtime-env`).",
     )
 
 
@@ -260,10 +291,11 @@ class PriceSection(Section):
 
 class CacheSection(Section):
     enabled: bool = Field(True, description="Reuse earlier answers to identical requests.")
-    dir: Path | None = Field(
+    dir: str | None = Field(
         None,
-        description="Cache directory (default <run.output_dir>/cache/teacher, shared by runs). "
-        "On a cluster, a path every node sees.",
+        description="Cache folder or cloud URI (s3://, gs://, through pyarrow filesystems); "
+        "default <run.output_dir>/cache/teacher, shared by runs. On a cluster, a path every "
+        "node sees or a URI. A relative path is taken under run.storage_root when one is set.",
     )
 
 

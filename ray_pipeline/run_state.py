@@ -12,7 +12,9 @@ finished: a later stage that needs it gets a message naming the command that pro
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,8 +167,71 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+STORAGE_ROOT_ENV = "DISTILL_STORAGE_ROOT"
+# Set by Ray's job supervisor in the environment of a job's driver (`ray job submit`), whose
+# working directory is Ray's temporary copy of the project: no place for outputs.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+class StorageError(ValueError):
+    """An output path that would be written where nobody finds it again."""
+
+
+def resolve_storage(cfg: DistillConfig, environ: Mapping[str, str] | None = None) -> DistillConfig:
+    """The config with relative run.output_dir, teacher.cache.dir and train.storage_path taken
+    under the storage root (run.storage_root, else DISTILL_STORAGE_ROOT), made absolute.
+
+    Without a root a relative path is relative to the working directory, except in a Ray job:
+    there the working directory is Ray's temporary copy of the project, deleted with the
+    cluster, so a relative path is refused with what to set instead."""
+    environ = os.environ if environ is None else environ
+    root = cfg.run.storage_root or (
+        Path(environ[STORAGE_ROOT_ENV]) if environ.get(STORAGE_ROOT_ENV) else None
+    )
+    if root is not None and not root.is_absolute():
+        raise StorageError(f"{STORAGE_ROOT_ENV}={root}: must be an absolute path")
+    in_job = RAY_JOB_ENV in environ
+    fields = {
+        "run.output_dir": str(cfg.run.output_dir),
+        "teacher.cache.dir": cfg.teacher.cache.dir if cfg.teacher.cache.enabled else None,
+        "train.storage_path": cfg.train.storage_path,
+    }
+    resolved, problems = {}, []
+    for field, value in fields.items():
+        if value is None or "://" in value or Path(value).is_absolute():
+            continue
+        if root is not None:
+            resolved[field] = str(root / value)
+        elif in_job:
+            problems.append(
+                f"{field}: {value!r} is a relative path, and this is a Ray job: it would be "
+                f"written inside the job's temporary copy of the project ({Path.cwd()}), "
+                f"which is deleted with the cluster. Set {field} to an absolute path every "
+                f"node sees (--set {field}=/mnt/shared/{value}), or {STORAGE_ROOT_ENV} in the "
+                f"job's environment (--runtime-env-json "
+                f'\'{{"env_vars": {{"{STORAGE_ROOT_ENV}": "/mnt/shared"}}}}\') or run.storage_root'
+            )
+        else:
+            resolved[field] = str(Path(value).absolute())
+    if problems:
+        raise StorageError("\n".join(problems))
+    run = cfg.run.model_copy(
+        update={"output_dir": Path(resolved.get("run.output_dir", cfg.run.output_dir))}
+    )
+    cache = cfg.teacher.cache.model_copy(
+        update={"dir": resolved.get("teacher.cache.dir", cfg.teacher.cache.dir)}
+    )
+    teacher = cfg.teacher.model_copy(update={"cache": cache})
+    train = cfg.train.model_copy(
+        update={"storage_path": resolved.get("train.storage_path", cfg.train.storage_path)}
+    )
+    return cfg.model_copy(update={"run": run, "teacher": teacher, "train": train})
+
+
 def open_run(cfg: DistillConfig, run_id: str | None = None) -> Run:
-    """Create (or re-open) <output_dir>/<run_id>/ and write the resolved config into it."""
+    """Create (or re-open) <output_dir>/<run_id>/ and write the resolved config into it (its
+    output paths resolved by ``resolve_storage``)."""
+    cfg = resolve_storage(cfg)
     run_id = run_id or cfg.run.run_id or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = (Path(cfg.run.output_dir) / run_id).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +243,7 @@ def open_run(cfg: DistillConfig, run_id: str | None = None) -> Run:
 def latest_run_id(cfg: DistillConfig) -> str | None:
     """The config's fixed run.run_id when its folder exists, else the newest run folder of
     this config's run name, if any."""
-    root = Path(cfg.run.output_dir)
+    root = Path(resolve_storage(cfg).run.output_dir)
     if cfg.run.run_id is not None:
         return cfg.run.run_id if (root / cfg.run.run_id).is_dir() else None
     if not root.exists():

@@ -51,11 +51,10 @@ def cache_dir(run: Run) -> str | None:
     c = run.cfg.teacher.cache
     if not c.enabled:
         return None
-    return str(
-        Path(c.dir)
-        if c.dir is not None
-        else Path(run.cfg.run.output_dir).absolute() / "cache" / "teacher"
-    )
+    # A folder or a cloud URI (ResponseCache takes both); open_run made relative paths absolute.
+    if c.dir is not None:
+        return c.dir
+    return str(Path(run.cfg.run.output_dir).absolute() / "cache" / "teacher")
 
 
 class TeacherSession:
