@@ -1208,6 +1208,12 @@ class EvalSetSection(Section):
 class EvaluateSection(Section):
     test_sets: list[EvalSetSection] = Field(default_factory=list)
     teacher: bool = Field(True, description="Also score the teacher on the test sets.")
+    baselines: list[Literal["majority", "tfidf_logreg"]] = Field(
+        default_factory=lambda: ["majority", "tfidf_logreg"],
+        description="Naive baselines scored beside the student: majority (the most frequent "
+        "curated label) and tfidf_logreg (TF-IDF word 1-2-grams + logistic regression fitted "
+        "on the student's own training rows, validation rows left out).",
+    )
     max_new_tokens: int = Field(32, gt=0, description="Student answer length in evaluation.")
     batch_size: int = Field(32, gt=0)
 
