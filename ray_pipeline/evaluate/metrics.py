@@ -9,7 +9,6 @@ from typing import Any
 
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
     precision_recall_fscore_support,
     roc_auc_score,
