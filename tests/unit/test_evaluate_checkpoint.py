@@ -29,10 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT = Prompt(synthetic.PROMPT)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
+def build_classifier_checkpoint(path: Path) -> str:
     """A tiny classifier student trained a few steps on 48 synthetic comments."""
-    tmp = tmp_path_factory.mktemp("ckpt")
     texts = synthetic.generate_comments(48, seed=5)
     examples = [
         Example(str(i), PROMPT.messages(t), "", synthetic.true_label(t), t)
@@ -62,14 +60,19 @@ def checkpoint(tmp_path_factory) -> str:
         "pad_id": tok.pad_token_id,
     }
     save_checkpoint(
-        tmp / "student",
+        path,
         model=model.eval(),
         state_dict=model.state_dict(),
         tokenizer=tok,
         method="full",
         meta=meta,
     )
-    return str(tmp / "student")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return build_classifier_checkpoint(tmp_path_factory.mktemp("ckpt") / "student")
 
 
 def _unseen(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
