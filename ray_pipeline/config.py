@@ -1229,7 +1229,10 @@ class SweepSection(Section):
         "test set.",
     )
     scheduler: Literal["fifo", "asha"] = Field(
-        "fifo", description="fifo: every trial runs to the end; asha: early stopping."
+        "fifo",
+        description="fifo: every trial runs to the end; asha: early stopping of the worse "
+        "trials at each epoch (it compares the trials of every fraction alike: keep fifo for "
+        "a size ablation).",
     )
     asha: AshaSection = Field(default_factory=AshaSection)
     num_workers: int = Field(1, gt=0, description="Train workers per trial.")

@@ -16,6 +16,7 @@ from ray_pipeline.config import load_config
 from ray_pipeline.data import synthetic
 from ray_pipeline.data.prompts import Prompt
 from ray_pipeline.data.schema import dumps, new_row, row_id, to_table
+from ray_pipeline.report import render_markdown
 from ray_pipeline.run_state import Run
 from ray_pipeline.train.student import Student
 from tests.unit.test_evaluate_checkpoint import build_classifier_checkpoint
@@ -84,7 +85,6 @@ def test_evaluate_stage_scores_student_and_baselines(ray_local, tmp_path):
     )
     run = Run(cfg=cfg, run_id="test", dir=tmp_path)
     section = run_evaluate(run, None)
-    run.write_section("evaluate", section)
 
     ts = section["test_sets"]["unseen"]
     assert ts["models"] == ["student", "majority", "tfidf_logreg"]
@@ -110,7 +110,7 @@ def test_evaluate_stage_scores_student_and_baselines(ray_local, tmp_path):
     page = Rows()
     page.feed(Path(ts["mistakes_page"]).read_text())
     assert page.kinds == ["error"] * errors
-    md = (tmp_path / "report.md").read_text()
+    md = render_markdown({"evaluate": section})
     assert "[Mistakes page](evaluate/unseen/mistakes.html)" in md
     assert "| unseen | tfidf_logreg | 40 |" in md
     assert (tmp_path / "evaluate" / "accuracy.png").stat().st_size > 1000

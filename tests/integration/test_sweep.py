@@ -148,7 +148,8 @@ def test_one_at_a_time_sweep_with_asha_resumes_after_an_interruption(ray_local, 
     with pytest.raises(SweepInterrupted, match="1 of 3 trials finished"):
         run_sweep(run, callbacks=[Interrupt(tmp_path / "interrupted")])
     first = sorted((tmp_path / "sweep" / "trials").iterdir())
-    assert len(first) == 2  # the finished trial and the one Ctrl-C stopped
+    # The finished trial (and the one Ctrl-C stopped, if it had started).
+    assert 1 <= len(first) <= 2 and first[0].name.endswith("_00000")
     finished_checkpoints = sorted(first[0].glob("checkpoint_*"))
 
     section = run_sweep(run)  # the same command again: resumes
