@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ def fit_size_curve(rows: list[int], values: list[float]) -> dict[str, Any]:
     """Fit ``saturating_power_law`` to (training rows, metric) points (least squares, a, b,
     c >= 0) and estimate what doubling the largest training set would gain. With two points
     only the pure power law (c = 0) is fitted; with one, nothing."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     points = sorted(zip(rows, values, strict=True))
     if len({n for n, _ in points}) < 2:
@@ -134,14 +135,17 @@ def fit_size_curve(rows: list[int], values: list[float]) -> dict[str, Any]:
         b0 = max(math.log((y[0] - c0) / max(y[-1] - c0, 1e-9)) / math.log(n_max / n[0]), 0.1)
         a0 = (y[0] - c0) * n[0] ** b0
         try:
-            params, _ = curve_fit(
-                saturating_power_law,
-                n,
-                y,
-                p0=(a0, b0, c0),
-                bounds=([0.0, 0.0, 0.0], [math.inf, 5.0, math.inf]),
-                maxfev=20000,
-            )
+            with warnings.catch_warnings():
+                # Three sizes, three parameters: no covariance to estimate, and none is used.
+                warnings.simplefilter("ignore", OptimizeWarning)
+                params, _ = curve_fit(
+                    saturating_power_law,
+                    n,
+                    y,
+                    p0=(a0, b0, c0),
+                    bounds=([0.0, 0.0, 0.0], [math.inf, 5.0, math.inf]),
+                    maxfev=20000,
+                )
         except RuntimeError as e:  # scipy: the least-squares search did not converge
             return {"fitted": False, "why": f"the fit did not converge: {e}"}
         form = "a * n^-b + c"

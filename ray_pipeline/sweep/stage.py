@@ -194,6 +194,16 @@ def logging_callbacks(run: Run, out: Path) -> list[Any]:
     return callbacks
 
 
+def finished_trials(tune_dir: Path) -> tuple[int, int]:
+    """(finished, all) trials of the Tune run as its saved state has them. After Ctrl-C,
+    Tune saves the state before it stops the running trials (which the ResultGrid then shows
+    as terminated): the saved state is what a restore resumes."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(tune_dir)).trials
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials), len(trials)
+
+
 def _tune_config(sweep: SweepSection, train: TrainSection, seed: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -220,9 +230,11 @@ def _tune_config(sweep: SweepSection, train: TrainSection, seed: int) -> Any:
         mode="min",
         scheduler=scheduler,
         num_samples=sweep.num_samples,
-        max_concurrent_trials=sweep.max_concurrent_trials,
-        # Seeded draws: a random search is the same search in every run of one seed.
-        search_alg=BasicVariantGenerator(random_state=seed),
+        # Seeded draws: a random search is the same search in every run of one seed. (Tune
+        # ignores TuneConfig.max_concurrent_trials beside a search generator: it goes here.)
+        search_alg=BasicVariantGenerator(
+            random_state=seed, max_concurrent=sweep.max_concurrent_trials
+        ),
     )
 
 
@@ -235,7 +247,7 @@ def collect_trials(grid: Any, base: TrainSection) -> list[dict[str, Any]]:
         epochs = trial_train_section(base, params).epochs
         trials.append(
             {
-                "trial": Path(result.path).name,
+                "trial": m.get("trial_id") or Path(result.path).name,
                 "config": params,
                 "val_loss": m.get("val_loss"),
                 "train_loss": m.get("train_loss"),
@@ -321,9 +333,10 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
             ),
         )
     grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < len(grid):
+    finished, total = finished_trials(out / "tune")
+    if finished < total:
         raise SweepInterrupted(
-            f"the sweep stopped with {grid.num_terminated} of {len(grid)} trials finished; "
+            f"the sweep stopped with {finished} of {total} trials finished; "
             f"run `distill sweep CONFIG --run-id {run.run_id}` to resume it (finished trials "
             "are kept)"
         )
