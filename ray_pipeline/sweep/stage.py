@@ -194,14 +194,26 @@ def logging_callbacks(run: Run, out: Path) -> list[Any]:
     return callbacks
 
 
-def finished_trials(tune_dir: Path) -> tuple[int, int]:
-    """(finished, all) trials of the Tune run as its saved state has them. After Ctrl-C,
-    Tune saves the state before it stops the running trials (which the ResultGrid then shows
-    as terminated): the saved state is what a restore resumes."""
+def trial_count(sweep: SweepSection, train: TrainSection) -> int:
+    """How many trials the sweep runs: its points (one for a random search) x fractions x
+    num_samples."""
+    points = {
+        "grid": lambda: len(grid_points(sweep)),
+        "one_at_a_time": lambda: len(one_at_a_time_points(sweep, train)),
+        "random": lambda: 1,
+    }[sweep.search]()
+    return points * len(sweep.fractions) * sweep.num_samples
+
+
+def finished_trials(tune_dir: Path) -> int:
+    """Trials of the Tune run that finished, as its saved state has them. After Ctrl-C, Tune
+    saves the state before it stops the running trials (which the ResultGrid then shows as
+    terminated), and trials not yet started are not in it at all: the saved state is what a
+    restore resumes."""
     from ray.tune import ExperimentAnalysis
 
     trials = ExperimentAnalysis(str(tune_dir)).trials
-    return sum(t.status in ("TERMINATED", "ERROR") for t in trials), len(trials)
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _tune_config(sweep: SweepSection, train: TrainSection, seed: int) -> Any:
@@ -333,7 +345,7 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
             ),
         )
     grid = tuner.fit()
-    finished, total = finished_trials(out / "tune")
+    finished, total = finished_trials(out / "tune"), trial_count(sweep, train)
     if finished < total:
         raise SweepInterrupted(
             f"the sweep stopped with {finished} of {total} trials finished; "

@@ -159,3 +159,14 @@ def test_tables_ablation_points_and_plots(tmp_path):
         plot_parameter(trials, "learning_rate", tmp_path / "lr.png"),
     ):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trial_count_of_each_search():
+    from ray_pipeline.sweep.stage import trial_count
+
+    grid = SweepSection(learning_rate=[1e-3, 3e-3], lora_r=[4, 8], fractions=[0.5, 1.0])
+    assert trial_count(grid, TRAIN) == 8
+    oat = SweepSection(search="one_at_a_time", learning_rate=[1e-3, 3e-3], num_samples=2)
+    assert trial_count(oat, TRAIN) == 2 * 2  # baseline (1e-3) and 3e-3, twice
+    rnd = SweepSection(search="random", batch_size=[8, 16], num_samples=3, fractions=[0.5, 1.0])
+    assert trial_count(rnd, TRAIN) == 6
