@@ -149,6 +149,15 @@ def test_one_at_a_time_sweep_with_asha_resumes_after_an_interruption(ray_local, 
     run = curated_run(tmp_path, TRAIN, sweep, n_rows=96)
     with pytest.raises(SweepInterrupted, match="1 of 3 trials finished"):
         run_sweep(run, callbacks=[Interrupt(tmp_path / "interrupted")])
+    # Ctrl-C kills the running trial's Train controller; in a CLI run the embedded Ray ends
+    # with the process. This session's Ray lives on, and without a dashboard Ray Train's
+    # placement-group cleaner cannot free the killed controller's workers' bundle: free it.
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id, pg in placement_group_table().items():
+        if pg["state"] == "CREATED":
+            remove_placement_group(PlacementGroup(ray_local.PlacementGroupID.from_hex(pg_id)))
     first = sorted((tmp_path / "sweep" / "trials").iterdir())
     # The finished trial (and the one Ctrl-C stopped, if it had started).
     assert 1 <= len(first) <= 2 and first[0].name.endswith("_00000")
