@@ -166,10 +166,76 @@ def sweep(
 
 @app.command()
 def evaluate(
-    config: ConfigArg, set: SetOpt = None, run_id: RunIdOpt = None, address: AddressOpt = None
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="Run config (YAML): the evaluate stage of a run. With --data: a student "
+            "checkpoint directory (distill_checkpoint.json inside), scored on that file alone."
+        ),
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="CSV/JSONL/Parquet file to score CHECKPOINT on (no run folder)."),
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="With --data: the input text column.")] = "text",
+    label_column: Annotated[
+        str, typer.Option(help="With --data: the gold label column.")
+    ] = "label",
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="With --data: print the metrics as one JSON object only."),
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="With --data: only the first N rows.")] = None,
+    batch_size: Annotated[int, typer.Option(help="With --data: rows per forward pass.")] = 32,
+    set: SetOpt = None,
+    run_id: RunIdOpt = None,
+    address: AddressOpt = None,
 ) -> None:
-    """Run only the evaluate stage (in --run-id, else the newest run of this config's name)."""
-    _run(["evaluate"], config, set, run_id, address)
+    """Run the evaluate stage (in --run-id, else the newest run of this config's name), or
+    with --data score any checkpoint on any labelled file:
+    distill evaluate CHECKPOINT --data FILE --text-column C --label-column L [--json]."""
+    if data is None:
+        _run(["evaluate"], target, set, run_id, address)
+        return
+    import json
+
+    from ray_pipeline.evaluate.checkpoint import evaluate_checkpoint
+
+    if not (target / "distill_checkpoint.json").is_file():
+        typer.echo(
+            f"{target} is not a student checkpoint (no distill_checkpoint.json in it); with "
+            "--data give a checkpoint directory, e.g. runs/<id>/train/checkpoint",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    if not data.is_file():
+        typer.echo(f"--data {data}: no such file", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    # Progress goes to stderr; stdout holds the result alone.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        result = evaluate_checkpoint(
+            target, data, text_column, label_column, batch_size=batch_size, limit=limit
+        )
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    if json_output:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    typer.echo(
+        f"{result['rows']} rows: accuracy {result['accuracy']:.4f}, balanced accuracy "
+        f"{result['balanced_accuracy']:.4f}"
+        + (f", ROC-AUC {result['roc_auc']:.4f}" if result["roc_auc"] is not None else "")
+        + f", unparsed {result['unparsed']}"
+    )
+    for label, m in result["per_class"].items():
+        typer.echo(
+            f"  {label}: precision {m['precision']:.4f} recall {m['recall']:.4f} "
+            f"f1 {m['f1']:.4f} support {m['support']}"
+        )
 
 
 class _ServeCommands(typer.core.TyperGroup):

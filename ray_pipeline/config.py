@@ -1192,24 +1192,105 @@ class TrainSection(Section):
 
 
 # ------------------------------------------------------------------------------------- sweep
-class SweepSection(Section):
-    """A grid over the lists below (null keeps the train section's value) times the dataset
-    fractions; every trial trains exactly like `train` otherwise."""
+class RangeSection(Section):
+    """A continuous (or integer) range a random search draws from."""
 
+    low: float = Field(gt=0, description="Smallest value.")
+    high: float = Field(gt=0, description="Largest value.")
+    log: bool = Field(False, description="Draw uniformly in log space (learning rates).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeSection:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class AshaSection(Section):
+    """ASHA early stopping: trials are compared at each epoch (every worker report is one
+    Tune iteration) and the worse ones stopped."""
+
+    grace_period: int = Field(1, gt=0, description="Epochs every trial runs before it can stop.")
+    reduction_factor: float = Field(
+        2.0, gt=1, description="Keep about 1/reduction_factor of the trials at each rung."
+    )
+
+
+SWEEP_PARAMS = ("learning_rate", "batch_size", "epochs", "lora_r", "lora_alpha")
+INT_SWEEP_PARAMS = ("batch_size", "epochs", "lora_r", "lora_alpha")
+
+
+class SweepSection(Section):
+    """A Ray Tune search over training hyperparameters, times the dataset-size fractions;
+    every trial trains exactly like `train` otherwise (the train stage's own trainer)."""
+
+    search: Literal["grid", "random", "one_at_a_time"] = Field(
+        "grid",
+        description="grid: every combination of the listed values; random: num_samples draws "
+        "(a list is a choice, a `ranges` entry a continuous range); one_at_a_time: the train "
+        "section's values as the baseline, and each listed value of one parameter with every "
+        "other parameter at its baseline (one trial per value, plus the baseline).",
+    )
     learning_rate: list[float] | None = Field(None, description="Learning rates to try.")
     batch_size: list[int] | None = Field(None, description="Per-worker batch sizes to try.")
     lora_r: list[int] | None = Field(None, description="LoRA ranks to try.")
     lora_alpha: list[int] | None = Field(None, description="LoRA alphas to try.")
     epochs: list[int] | None = Field(None, description="Epoch counts to try.")
+    ranges: dict[str, RangeSection] = Field(
+        default_factory=dict,
+        description="search: random only: parameters drawn from a range instead of a list, "
+        f"e.g. learning_rate: {{low: 1e-4, high: 1e-2, log: true}}; one of {list(SWEEP_PARAMS)}.",
+    )
+    num_samples: int = Field(
+        1,
+        gt=0,
+        description="random: draws per dataset fraction; grid / one_at_a_time: repeats of "
+        "every point.",
+    )
     fractions: list[float] = Field(
         default_factory=lambda: [1.0],
-        description="Dataset-size fractions: nested subsets of the training rows (a fixed "
-        "seeded shuffle, the first fraction of it), so 50% is inside 100%.",
+        description="Dataset-size fractions: nested subsets of the training rows, chosen row "
+        "by row by a seeded hash of the row id (ray_pipeline.data.subsets.in_subset), so the "
+        "50% subset lies inside the 100% one. With three or more, the report fits a saturating "
+        "power law to the metric against the training rows and states the gain from doubling "
+        "the data.",
     )
-    metric: Literal["val_loss"] = Field("val_loss", description="Metric that picks the best.")
+    metric: Literal["val_loss"] = Field(
+        "val_loss",
+        description="Validation metric that picks the best trial (and drives ASHA); never a "
+        "test set.",
+    )
+    scheduler: Literal["fifo", "asha"] = Field(
+        "fifo",
+        description="fifo: every trial runs to the end; asha: early stopping of the worse "
+        "trials at each epoch (it compares the trials of every fraction alike: keep fifo for "
+        "a size ablation).",
+    )
+    asha: AshaSection = Field(default_factory=AshaSection)
     num_workers: int = Field(1, gt=0, description="Train workers per trial.")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs per trial worker (default: train.cpus_per_worker)."
+    )
+    gpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="GPUs per trial worker when train.use_gpu (default: train.gpus_per_worker).",
+    )
     max_concurrent_trials: int = Field(
         1, gt=0, description="Trials run at once (each needs num_workers * cpus_per_worker CPUs)."
+    )
+    resume: bool = Field(
+        True,
+        description="An interrupted sweep with the same settings and data resumes "
+        "(Tuner.restore): finished trials are kept, not run again. False: start afresh.",
+    )
+    mlflow: bool = Field(
+        True, description="Log every trial's parameters and metrics to MLflow (and TensorBoard)."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: a local file store, runs/<id>/sweep/mlruns; "
+        "view it with `mlflow ui --backend-store-uri THAT`).",
     )
 
     @field_validator("learning_rate", "batch_size", "lora_r", "lora_alpha", "epochs")
@@ -1223,9 +1304,35 @@ class SweepSection(Section):
     @classmethod
     def _fractions_in_range(cls, v: list[float]) -> list[float]:
         bad = [f for f in v if not 0 < f <= 1]
-        if bad or not v:
-            raise ValueError(f"fractions must be non-empty and in (0, 1], got {v}")
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(f"fractions must be non-empty, distinct and in (0, 1], got {v}")
+        return sorted(v)
+
+    @field_validator("ranges")
+    @classmethod
+    def _known_ranges(cls, v: dict[str, RangeSection]) -> dict[str, RangeSection]:
+        unknown = sorted(set(v) - set(SWEEP_PARAMS))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; sweepable: {list(SWEEP_PARAMS)}")
         return v
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> SweepSection:
+        both = sorted(n for n in self.ranges if getattr(self, n) is not None)
+        if both:
+            raise ValueError(f"{both}: give a list or a range for a parameter, not both")
+        if self.ranges and self.search != "random":
+            raise ValueError(f"ranges need search: random, got search: {self.search!r}")
+        if self.search == "one_at_a_time" and not self.swept:
+            raise ValueError(
+                f"search one_at_a_time needs at least one parameter list ({list(SWEEP_PARAMS)})"
+            )
+        return self
+
+    @property
+    def swept(self) -> list[str]:
+        """The hyperparameters this sweep varies (lists and ranges), in a fixed order."""
+        return [n for n in SWEEP_PARAMS if getattr(self, n) is not None or n in self.ranges]
 
 
 # ---------------------------------------------------------------------------------- evaluate
@@ -1240,6 +1347,12 @@ class EvalSetSection(Section):
 class EvaluateSection(Section):
     test_sets: list[EvalSetSection] = Field(default_factory=list)
     teacher: bool = Field(True, description="Also score the teacher on the test sets.")
+    baselines: list[Literal["majority", "tfidf_logreg"]] = Field(
+        default_factory=lambda: ["majority", "tfidf_logreg"],
+        description="Naive baselines scored beside the student: majority (the most frequent "
+        "curated label) and tfidf_logreg (TF-IDF word 1-2-grams + logistic regression fitted "
+        "on the student's own training rows, validation rows left out).",
+    )
     max_new_tokens: int = Field(32, gt=0, description="Student answer length in evaluation.")
     batch_size: int = Field(32, gt=0)
 

@@ -21,31 +21,131 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _in_run(path: str, parts: int) -> str:
+    """A link relative to report.md: the last `parts` components of a file in the run folder
+    (e.g. evaluate/balanced/mistakes.html)."""
+    return "/".join(Path(path).parts[-parts:])
+
+
+def _evaluate_section(ev: dict[str, Any]) -> list[str]:
+    """One table of every model on every test set, then per test set its per-class table,
+    confusion matrices and the link to its mistakes page."""
+    out = ["## Evaluation (on gold labels)", ""]
+    rows = []
+    for name, ts in ev.get("test_sets", {}).items():
+        for who, acc in ts["accuracy"].items():
+            rows.append(
+                [
+                    name,
+                    who,
+                    ts["rows"],
+                    acc,
+                    ts.get("balanced_accuracy", {}).get(who),
+                    ts.get("roc_auc", {}).get(who),
+                    ts.get("unparsed", {}).get(who),
+                ]
+            )
+    header = ["test set", "model", "rows", "accuracy", "balanced accuracy", "ROC-AUC", "unparsed"]
+    out += [_table(header, rows), ""]
+    out += [
+        "Models: student (`" + str(ev.get("checkpoint_from", "")) + "`), teacher, majority "
+        "(the most frequent curated label), tfidf_logreg (TF-IDF + logistic regression on the "
+        "student's training rows).",
+        "",
+    ]
+    for name, ts in ev.get("test_sets", {}).items():
+        out += [f"### {name}", ""]
+        if ts.get("mistakes_page"):
+            out += [
+                f"[Mistakes page]({_in_run(ts['mistakes_page'], 3)}): "
+                f"{ts.get('mistakes', 0)} student errors, "
+                f"{ts.get('disagreements', 0)} more student/teacher disagreements.",
+                "",
+            ]
+        prow = []
+        for who, per_class in ts.get("per_class", {}).items():
+            for label, m in per_class.items():
+                prow.append([who, label, m["precision"], m["recall"], m["f1"], m["support"]])
+        out += [_table(["model", "label", "precision", "recall", "f1", "support"], prow), ""]
+        for who, cm in ts.get("confusion", {}).items():
+            labels = cm["labels"]
+            out += [
+                f"Confusion matrix, {who} (rows gold, columns predicted):",
+                "",
+                _table(
+                    ["gold / predicted", *labels],
+                    [[g, *r] for g, r in zip(labels, cm["matrix"], strict=True)],
+                ),
+                "",
+            ]
+    if ev.get("plot"):
+        out += [f"![accuracy]({_in_run(ev['plot'], 2)})", ""]
+    return out
+
+
+def _sweep_section(sw: dict[str, Any]) -> list[str]:
+    """Every trial, the best (by the validation metric), the size ablation's fitted curve and
+    the gain from doubling the data, the plots, where MLflow and TensorBoard logged."""
+    metric = sw.get("metric", "val_loss")
+    out = [f"## Sweep ({sw.get('search', 'grid')}, {sw.get('scheduler', 'fifo')})", ""]
+    trials = sw.get("trials", [])
+    keys = sw.get("keys") or (list(trials[0]["config"]) if trials else [])
+    if trials:
+        out += [
+            _table(
+                ["trial", *keys, "train rows", "epochs", "stopped early", metric],
+                [
+                    [t.get("trial")]
+                    + [t["config"].get(k) for k in keys]
+                    + [
+                        t.get("train_rows"),
+                        t.get("epochs_run"),
+                        t.get("stopped_early"),
+                        t.get(metric),
+                    ]
+                    for t in trials
+                ],
+            ),
+            "",
+        ]
+    best = sw.get("best", {})
+    out += [
+        f"Best by {metric} on the validation rows: `{best.get('config')}` ({metric} "
+        f"{best.get(metric)}); checkpoint `{best.get('checkpoint')}`.",
+        "",
+    ]
+    if sw.get("table"):
+        out += [
+            f"Trials table: `{_in_run(sw['table'], 2)}` and `{_in_run(sw.get('table_md', ''), 2)}`.",
+            "",
+        ]
+    fit = (sw.get("ablation") or {}).get("fit") or {}
+    if fit.get("fitted"):
+        out += [
+            f"Dataset-size ablation: {metric} = {fit['a']:.4g} * n^-{fit['b']:.3f} + "
+            f"{fit['c']:.4g} over training rows n ({fit['form']}). Doubling the training set "
+            f"from {fit['rows']} to {2 * fit['rows']} rows is estimated to take {metric} from "
+            f"{fit['at_rows']:.4f} to {fit['at_double_rows']:.4f} (a gain of "
+            f"{fit['gain_from_doubling']:.4f}).",
+            "",
+        ]
+    elif fit:
+        out += [f"Dataset-size ablation: no curve fitted ({fit.get('why')}).", ""]
+    if sw.get("plot"):
+        out += [f"![dataset size ablation]({_in_run(sw['plot'], 2)})", ""]
+    for param, png in (sw.get("param_plots") or {}).items():
+        out += [f"![{metric} by {param}]({_in_run(png, 2)})", ""]
+    if sw.get("mlflow"):
+        out += [f"MLflow: `mlflow ui --backend-store-uri {sw['mlflow']}`", ""]
+    if sw.get("tensorboard"):
+        out += [f"TensorBoard: `tensorboard --logdir {sw['tensorboard']}`", ""]
+    return out
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# Distillation run `{report.get('run_id', '?')}`", ""]
     if ev := report.get("evaluate"):
-        out += ["## Evaluation (accuracy on gold labels)", ""]
-        rows = []
-        for name, ts in ev.get("test_sets", {}).items():
-            acc = ts["accuracy"]
-            rows.append(
-                [name, ts["rows"], acc.get("student"), acc.get("teacher"), acc.get("baseline")]
-            )
-        out += [_table(["test set", "rows", "student", "teacher", "majority baseline"], rows), ""]
-        for name, ts in ev.get("test_sets", {}).items():
-            out += [f"### {name}: per class", ""]
-            prow = []
-            for who, per_class in ts.get("per_class", {}).items():
-                for label, m in per_class.items():
-                    prow.append([who, label, m["precision"], m["recall"], m["f1"], m["support"]])
-            out += [_table(["model", "label", "precision", "recall", "f1", "support"], prow), ""]
-            if ts.get("mistakes_file"):
-                out += [
-                    f"Student mistakes to read: `{ts['mistakes_file']}` ({ts.get('mistakes', 0)})",
-                    "",
-                ]
-        if ev.get("plot"):
-            out += [f"![accuracy]({Path(ev['plot']).name})", ""]
+        out += _evaluate_section(ev)
     if gen := report.get("generate"):
         out += [
             "## Generate",
@@ -128,29 +228,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         out += [f"Checkpoint: `{tr.get('checkpoint')}`", ""]
     if sw := report.get("sweep"):
-        out += ["## Sweep", ""]
-        trials = sw.get("trials", [])
-        if trials:
-            keys = list(trials[0]["config"].keys())
-            out += [
-                _table(
-                    [*keys, "val_loss", "train_rows"],
-                    [
-                        [t["config"][k] for k in keys] + [t.get("val_loss"), t.get("train_rows")]
-                        for t in trials
-                    ],
-                ),
-                "",
-            ]
-        out += [
-            f"Best: `{sw.get('best', {}).get('config')}` (val_loss {sw.get('best', {}).get('val_loss')})",
-            "",
-        ]
-        if sw.get("plot"):
-            out += [
-                f"![dataset size ablation]({Path(sw['plot']).relative_to(Path(sw['plot']).parents[1])})",
-                "",
-            ]
+        out += _sweep_section(sw)
     if sv := report.get("serve"):
         out += [
             "## Serve",

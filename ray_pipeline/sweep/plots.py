@@ -1,4 +1,5 @@
-"""The dataset-size ablation plot of a sweep (PNG)."""
+"""A sweep's plots (PNG): the dataset-size ablation with its fitted curve, and the metric
+against each swept parameter."""
 
 from __future__ import annotations
 
@@ -6,33 +7,75 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ray_pipeline.sweep.analysis import BASELINE, saturating_power_law
 
-def plot_fraction_ablation(
-    trials: list[dict[str, Any]], path: str | Path, metric: str = "val_loss"
-) -> Path:
-    """`metric` against the share of the training set, one line per combination of the other
-    swept hyperparameters (x axis labelled with the rows each fraction means)."""
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
-    for t in trials:
-        if t.get(metric) is None:
-            continue
-        others = {k: v for k, v in t["config"].items() if k != "fraction"}
-        label = ", ".join(f"{k}={v}" for k, v in sorted(others.items())) or "train settings"
-        lines[label].append((t["config"]["fraction"], t[metric], t["train_rows"]))
+    return plt
+
+
+def plot_fraction_ablation(
+    points: list[tuple[float, int, float]],
+    fit: dict[str, Any],
+    path: str | Path,
+    metric: str = "val_loss",
+) -> Path:
+    """`metric` against training rows (each size's best trial), the fitted curve, and the
+    point the fit expects at twice the largest training set."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in sorted(lines.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    fractions = sorted({(p[0], p[2]) for pts in lines.values() for p in pts})
-    ax.set_xticks([f for f, _ in fractions], [f"{f:g}\n({rows} rows)" for f, rows in fractions])
-    ax.set_xlabel("share of the training set")
+    ax.plot([p[1] for p in points], [p[2] for p in points], "o", label="best trial per size")
+    for f, rows, value in points:
+        ax.annotate(f"{f:g}", (rows, value), textcoords="offset points", xytext=(4, 4))
+    if fit.get("fitted"):
+        lo, hi = points[0][1], 2 * fit["rows"]
+        xs = [lo + (hi - lo) * i / 100 for i in range(101)]
+        ax.plot(
+            xs,
+            [saturating_power_law(x, fit["a"], fit["b"], fit["c"]) for x in xs],
+            "-",
+            label=f"fit {fit['form']}: b={fit['b']:.2f}, c={fit['c']:.3g}",
+        )
+        ax.plot([hi], [fit["at_double_rows"]], "x", markersize=9, label="doubled data (fit)")
+    ax.set_xlabel("training rows")
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title("dataset-size ablation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_parameter(
+    trials: list[dict[str, Any]], param: str, path: str | Path, metric: str = "val_loss"
+) -> Path:
+    """`metric` against one parameter's values, a line per dataset fraction. In a
+    one-at-a-time sweep only the trials that vary this parameter and the baseline count."""
+    plt = _pyplot()
+    lines: dict[float, dict[Any, float]] = defaultdict(dict)
+    for t in trials:
+        cfg = t["config"]
+        if t.get(metric) is None or cfg.get("varied", param) not in (param, BASELINE):
+            continue
+        x = cfg[param]
+        best = lines[cfg["fraction"]].get(x)
+        lines[cfg["fraction"]][x] = t[metric] if best is None else min(best, t[metric])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for fraction, values in sorted(lines.items()):
+        xs = sorted(values)
+        ax.plot(xs, [values[x] for x in xs], marker="o", label=f"fraction {fraction:g}")
+    if param == "learning_rate":
+        ax.set_xscale("log")
+    ax.set_xlabel(param.replace("_", " "))
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(f"{metric} by {param} (best per value)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -22,11 +22,14 @@ def test_report_has_every_stage_and_the_student_learned(e2e_run):
     report = load_report(e2e_run)
     assert set(STAGES) <= set(report)
     acc = report["evaluate"]["test_sets"]["quickstart"]["accuracy"]
-    assert acc["student"] > acc["baseline"] + 0.2, acc  # it learned the task
+    assert acc["student"] > acc["majority"] + 0.2, acc  # it learned the task
+    assert set(acc) == {"student", "teacher", "majority", "tfidf_logreg"}
     assert 0.8 < acc["teacher"] < 0.98  # the simulated teacher is wrong on ~10%
     assert report["evaluate"]["checkpoint_from"] == "sweep.best"
     md = (e2e_run / "report.md").read_text()
-    assert "| quickstart | 200 |" in md and "majority baseline" in md
+    assert "| quickstart | student | 200 |" in md and "| quickstart | tfidf_logreg | 200 |" in md
+    assert "[Mistakes page](evaluate/quickstart/mistakes.html)" in md
+    assert (e2e_run / "evaluate" / "quickstart" / "mistakes.html").stat().st_size > 1000
     for png in ("evaluate/accuracy.png", "train/loss.png", "sweep/ablation.png"):
         assert (e2e_run / png).stat().st_size > 1000, png
 

@@ -110,7 +110,7 @@ def test_bad_regex_and_fractions_rejected():
         load_config(data=data)
     joined = "\n".join(exc.value.problems)
     assert "curate.rules.deny_patterns: pattern '(unclosed' does not compile" in joined
-    assert "sweep.fractions: fractions must be non-empty and in (0, 1]" in joined
+    assert "sweep.fractions: fractions must be non-empty, distinct and in (0, 1]" in joined
 
 
 def test_gpu_precision_needs_gpu():

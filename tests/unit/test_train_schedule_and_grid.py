@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ray_pipeline.config import SweepSection, TrainSection
-from ray_pipeline.sweep.stage import (
-    check_sweep,
-    grid_points,
-    pick_best,
-    swept_values,
-    trial_train_section,
-)
+from ray_pipeline.sweep.analysis import grid_points, pick_best, trial_train_section
+from ray_pipeline.sweep.stage import check_sweep
 from ray_pipeline.train.loop import lr_factor, schedule_steps
 
 
@@ -51,17 +46,13 @@ def test_schedule_steps_counts_equal_shards_and_accumulation():
     )
 
 
-def test_grid_is_the_product_of_set_lists_and_fractions():
-    sweep = SweepSection(learning_rate=[1e-3, 3e-3], lora_r=[4], fractions=[0.5, 1.0])
-    assert swept_values(sweep) == {
-        "learning_rate": [1e-3, 3e-3],
-        "lora_r": [4],
-        "fraction": [0.5, 1.0],
-    }
+def test_grid_is_the_product_of_set_lists():
+    sweep = SweepSection(learning_rate=[1e-3, 3e-3], lora_r=[4, 8], fractions=[1.0, 0.5])
+    assert sweep.swept == ["learning_rate", "lora_r"] and sweep.fractions == [0.5, 1.0]
     points = grid_points(sweep)
     assert len(points) == 4
-    assert {"learning_rate": 3e-3, "lora_r": 4, "fraction": 0.5} in points
-    assert grid_points(SweepSection()) == [{"fraction": 1.0}]
+    assert {"learning_rate": 3e-3, "lora_r": 8} in points
+    assert grid_points(SweepSection()) == [{}]  # the train settings alone
 
 
 def test_trial_section_overrides_only_swept_values():
