@@ -29,6 +29,7 @@ def main() -> None:
         "--fractions", nargs="*", type=float, default=[0.25, 0.5], help="ablation sizes on E"
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=c")
+    p.add_argument("--limit", type=int, help="first N rows of each log and test set (smoke)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     root = Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ def main() -> None:
         sets=tuple(args.sets),
         fractions=tuple(args.fractions),
         overrides=args.overrides,
+        limit=args.limit,
     )
     print(json.dumps({k: summary[k] for k in ("targets", "orderings", "seconds")}))
 

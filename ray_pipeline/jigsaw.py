@@ -52,12 +52,21 @@ class SetResult:
 
 
 def set_config(
-    root: Path, key: str, data_dir: str, output_dir: str, overrides: list[str]
+    root: Path,
+    key: str,
+    data_dir: str,
+    output_dir: str,
+    overrides: list[str],
+    limit: int | None = None,
 ) -> DistillConfig:
     """configs/jigsaw_set_<key>.yaml with the data folder at `data_dir`, runs under
-    `output_dir`, serving off, and the `overrides` (``--set`` style) applied."""
+    `output_dir`, serving off, and the `overrides` (``--set`` style) applied. With `limit`,
+    only the first `limit` rows of each log and each test set (smoke runs)."""
     text = (root / "configs" / f"jigsaw_set_{key}.yaml").read_text(encoding="utf-8")
     data = yaml.safe_load(text.replace(DATA_DIR, data_dir))
+    if limit is not None:
+        for section in (*data["data"]["logs"], *data["evaluate"]["test_sets"]):
+            section["limit"] = min(section.get("limit") or limit, limit)
     base = [f"run.output_dir={output_dir}", "serve.enabled=false"]
     return load_config(data=data, overrides=[*base, *overrides])
 
@@ -262,16 +271,18 @@ def reproduce(
     sets: tuple[str, ...] = SETS,
     fractions: tuple[float, ...] = (0.25, 0.5),
     overrides: list[str] | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate the student on every set, then the size ablation on E (its full
-    run is the 1.0 point); write the tables and plots into `out`; return the summary."""
+    run is the 1.0 point); write the tables and plots into `out`; return the summary.
+    `overrides` apply to every run; `limit` cuts every log and test set (smoke runs)."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     runs = str(out / "runs")
     overrides = list(overrides or [])
     results = []
     for key in sets:
-        cfg = set_config(root, key, data_dir, runs, overrides)
+        cfg = set_config(root, key, data_dir, runs, overrides, limit)
         results.append(run_set(cfg, key, f"jigsaw-set-{key}"))
     rows = table_rows(results)
     summary: dict[str, Any] = {
@@ -285,7 +296,8 @@ def reproduce(
     ablation: list[SetResult] = []
     if fractions and "e" in sets:
         for f in sorted(fractions):
-            cfg = set_config(root, "e", data_dir, runs, [*overrides, f"train.data_fraction={f}"])
+            fraction = [*overrides, f"train.data_fraction={f}"]
+            cfg = set_config(root, "e", data_dir, runs, fraction, limit)
             ablation.append(run_set(cfg, f"e@{f}", f"jigsaw-set-e-{f}"))
         ablation.append(next(r for r in results if r.name == "e"))
         fits = {
