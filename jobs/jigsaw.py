@@ -17,14 +17,14 @@ import json
 import logging
 from pathlib import Path
 
-from ray_pipeline.jigsaw import DATA_DIR, SETS, reproduce
+from ray_pipeline.jigsaw import DATA_DIR, EXTRA_SETS, SETS, reproduce
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description="The playbook's Jigsaw reproduction.")
     p.add_argument("--out", default="runs/jigsaw-reproduction", help="output folder")
     p.add_argument("--data-dir", default=DATA_DIR, help="the recorded Jigsaw logs")
-    p.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS)
+    p.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS + EXTRA_SETS)
     p.add_argument(
         "--fractions", nargs="*", type=float, default=[0.25, 0.5], help="ablation sizes on E"
     )

@@ -29,6 +29,8 @@ from ray_pipeline.config import DistillConfig, load_config
 log = logging.getLogger("distill.jigsaw")
 
 SETS = ("a", "b", "c", "d", "e")
+# Ours, beside the playbook's: C plus D's 1,000 gold toxic rows (configs/jigsaw_set_c_gold.yaml).
+EXTRA_SETS = ("c_gold",)
 DATA_DIR = "../shared/data/jigsaw"  # as the shipped configs name it
 # The playbook's published student accuracy on the balanced test set, % (its data README);
 # D has none. Its students were 7B-13B LoRA models on GPUs.
@@ -283,7 +285,7 @@ def reproduce(
     results = []
     for key in sets:
         cfg = set_config(root, key, data_dir, runs, overrides, limit)
-        results.append(run_set(cfg, key, f"jigsaw-set-{key}"))
+        results.append(run_set(cfg, key, f"jigsaw-set-{key.replace('_', '-')}"))
     rows = table_rows(results)
     summary: dict[str, Any] = {
         "overrides": overrides,
