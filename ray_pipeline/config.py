@@ -1152,6 +1152,27 @@ class TrainSection(Section):
         description="What the student learns to answer: 'canonical' = the parsed answer as "
         "compact JSON; 'raw' = the teacher's text as returned.",
     )
+    data_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Train on this nested subset of the training rows (the rows of "
+        "curate.subsets' rule: a hash of the row id seeded by run.seed), for dataset-size "
+        "ablations; the validation rows stay all of them.",
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none",
+        description="Classifier students: 'balanced' weights each class's cross-entropy by "
+        "rows / (classes x its training rows), so a rare label counts as much as a common one; "
+        "'none' weighs every row alike.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="Classifier students: cross-entropy label smoothing (torch's "
+        "label_smoothing): the target puts this much mass spread over all classes.",
+    )
 
     @model_validator(mode="after")
     def _gpu_precision(self) -> TrainSection:
@@ -1168,6 +1189,10 @@ class TrainSection(Section):
             raise ValueError("lora.load_in_4bit (QLoRA) needs method: lora and use_gpu: true")
         if self.lora.load_in_4bit and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
             raise ValueError("lora.load_in_4bit cannot be sharded by ZeRO-3: use zero_stage <= 2")
+        if (self.class_weights != "none" or self.label_smoothing) and (
+            self.student.kind != "classifier"
+        ):
+            raise ValueError("class_weights and label_smoothing are for classifier students")
         if self.export_merged and self.method != "lora":
             raise ValueError("export_merged is for method: lora (full fine-tuning saves the model)")
         positions = self.student.tiny.max_position_embeddings

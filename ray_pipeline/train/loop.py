@@ -104,6 +104,7 @@ class Job:
     train_rows: int
     val_rows: int
     meta: dict[str, Any] = field(default_factory=dict)  # static part of distill_checkpoint.json
+    class_weights: list[float] | None = None  # per label (train.class_weights: balanced)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Job:
@@ -175,14 +176,32 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k not in SOFT_KEYS}
 
 
-def forward_loss(model: Any, batch: dict[str, Any], train: TrainSection) -> Any:
-    """The training loss of a batch: the cross-entropy on the teacher's answer, mixed with the
+def forward_loss(
+    model: Any,
+    batch: dict[str, Any],
+    train: TrainSection,
+    class_weights: list[float] | None = None,
+) -> Any:
+    """The training loss of a batch: the cross-entropy on the teacher's answer (for a
+    classifier weighted per class and label-smoothed as configured), mixed with the
     divergence from the teacher's distribution when logit distillation is on
     ((1 - w) x CE + w x divergence, w = train.distill.weight)."""
     out = model(**model_inputs(batch))
+    loss = out.loss
+    if class_weights is not None or train.label_smoothing:
+        import torch
+
+        weight = (
+            torch.tensor(class_weights, dtype=out.logits.dtype, device=out.logits.device)
+            if class_weights is not None
+            else None
+        )
+        loss = torch.nn.functional.cross_entropy(
+            out.logits, batch["labels"], weight=weight, label_smoothing=train.label_smoothing
+        )
     distill = train.distill
     if distill.weight == 0 or not SOFT_KEYS & batch.keys():
-        return out.loss
+        return loss
     from ray_pipeline.train.soft_targets import class_soft_loss, soft_target_loss
 
     if "soft_probs" in batch:
@@ -201,7 +220,7 @@ def forward_loss(model: Any, batch: dict[str, Any], train: TrainSection) -> Any:
             distill.kind,
             distill.temperature,
         )
-    return (1 - distill.weight) * out.loss + distill.weight * divergence
+    return (1 - distill.weight) * loss + distill.weight * divergence
 
 
 class DeepSpeedEngine:
@@ -221,6 +240,7 @@ class DeepSpeedEngine:
             config=ds_config,
         )
         self.train_cfg = job.train
+        self.class_weights = job.class_weights
         self.zero3 = job.train.deepspeed.zero_stage == 3
         self.device = self.engine.device
         self.grad_norm: float | None = None
@@ -234,7 +254,7 @@ class DeepSpeedEngine:
 
     def train_step(self, batch: dict[str, Any]) -> tuple[Any, bool]:
         """Forward + backward of one micro-batch; returns (loss, whether the optimizer stepped)."""
-        loss = forward_loss(self.engine, batch, self.train_cfg)
+        loss = forward_loss(self.engine, batch, self.train_cfg, self.class_weights)
         self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
         stepped = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()  # only updates weights (and the schedule) on a boundary
@@ -269,6 +289,7 @@ class TorchEngine:
         import torch
 
         self.train_cfg = job.train
+        self.class_weights = job.class_weights
         # to the device (a 4-bit model is placed when loaded and cannot be moved); DDP when
         # there are several workers.
         self.model = ray.train.torch.prepare_model(
@@ -315,7 +336,7 @@ class TorchEngine:
         )
         with sync:
             with self._autocast():
-                loss = forward_loss(self.model, batch, self.train_cfg)
+                loss = forward_loss(self.model, batch, self.train_cfg, self.class_weights)
             scaled = loss / accumulate
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if boundary:

@@ -42,6 +42,7 @@ class Prepared:
     dataset: str  # the curated Parquet directory
     dataset_bytes: int  # its size on disk (for data_loading: auto)
     train_ids: list[str]  # the training rows' ids (counts of subsets)
+    train_labels: list[str | None]  # their labels, in the same order (class weights)
     val_examples: list[Example]  # validation rows: the validation loss and the threshold
     tokenizer: Any  # shipped to the tokenization tasks and the workers
     tokenizer_dir: str
@@ -126,7 +127,9 @@ def prepare(run: Run, out_dir: Path) -> Prepared:
     dataset, manifest_path = curated_dataset(run)
     if not Path(dataset).exists():
         raise FileNotFoundError(f"curated dataset {dataset} does not exist; run `distill curate`")
-    ids = [str(i) for i in pq.read_table(dataset, columns=["id"]).column("id").to_pylist()]
+    table = pq.read_table(dataset, columns=["id", "label"])
+    ids = [str(i) for i in table.column("id").to_pylist()]
+    label_of = dict(zip(ids, table.column("label").to_pylist(), strict=True))
     train_ids = [i for i in ids if in_split(i, "train", train.val_fraction)]
     if not train_ids:
         raise ValueError(
@@ -160,6 +163,7 @@ def prepare(run: Run, out_dir: Path) -> Prepared:
         dataset=dataset,
         dataset_bytes=sum(f.stat().st_size for f in Path(dataset).rglob("*.parquet")),
         train_ids=train_ids,
+        train_labels=[label_of[i] for i in train_ids],
         val_examples=val_examples,
         tokenizer=tokenizer,
         tokenizer_dir=str(tokenizer_dir),
@@ -204,13 +208,39 @@ def _check_soft_targets(dataset: str, rows: int) -> int:
     return with_logprobs
 
 
+def class_weights(
+    train: TrainSection, row_labels: list[str | None], labels: list[str]
+) -> list[float] | None:
+    """Per-label loss weights for train.class_weights: 'balanced' is scikit-learn's
+    rows / (classes x rows of the class), over the training split's labels; None for 'none'."""
+    if train.class_weights == "none":
+        return None
+    import numpy as np
+    from sklearn.utils.class_weight import compute_class_weight
+
+    missing = sorted(set(labels) - set(row_labels))
+    if missing:
+        raise ValueError(
+            f"train.class_weights: balanced needs training rows of every label; none has "
+            f"label(s) {missing}"
+        )
+    weights = compute_class_weight("balanced", classes=np.array(labels), y=np.array(row_labels))
+    return [float(w) for w in weights]
+
+
 def worker_config(
     prepared: Prepared, train: TrainSection, train_rows: int, num_workers: int, seed: int
 ) -> dict[str, Any]:
     """The train_loop_config every worker gets (``loop.Job``): plain, picklable data."""
     from ray_pipeline.train.loop import schedule_steps
 
+    weights = (
+        class_weights(train, prepared.train_labels, prepared.lineage["labels"])
+        if train.student.kind == "classifier"
+        else None
+    )
     return {
+        "class_weights": weights,
         "train": train.model_dump(mode="json"),
         "model_source": prepared.model_source,
         "tokenizer_dir": prepared.tokenizer_dir,
@@ -226,6 +256,7 @@ def worker_config(
             "train": train.model_dump(mode="json"),
             "train_rows": train_rows,
             "seed": seed,
+            "class_weights": weights,
         },
     }
 
@@ -283,7 +314,11 @@ def make_datasets(
     training rows in a seeded random order. 'stream' leaves the datasets lazy: each epoch
     reads again, block by block, as the workers consume it (the training rows in a seeded
     random block order; each epoch shuffles further in a local buffer). 'materialize' runs
-    the pipeline once now, with a full seeded shuffle, into the object store."""
+    the pipeline once now, with a full seeded shuffle, into the object store.
+
+    The order is a function of the seed: Ray Data keeps blocks in their input order
+    (preserve_order) instead of the order its tasks finish in, so the seeded shuffles start
+    from the same sequence in every run (``make_trainer`` keeps it for the workers' shards)."""
     import ray.data
 
     from ray_pipeline.train.data import EXAMPLE_COLUMNS
@@ -292,6 +327,7 @@ def make_datasets(
     # Bars for a dataset re-read every epoch by every worker bury the training log; a
     # dataset keeps a copy of the DataContext it was made under.
     previous, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
         datasets = {}
         for split in ("train", "val"):
@@ -327,6 +363,7 @@ def make_datasets(
         return datasets
     finally:
         ctx.enable_progress_bars = previous
+        ctx.execution_options.preserve_order = ordered
 
 
 def make_trainer(
@@ -344,7 +381,7 @@ def make_trainer(
     """A TorchTrainer for `train` on `datasets` (``make_datasets``; the validation rows are
     always all of prepared.val_examples, so runs on subsets are compared on the same rows).
     Placement, resources, checkpoints kept and failures survived come from `train`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_pipeline.train.loop import train_loop_per_worker
@@ -375,7 +412,19 @@ def make_trainer(
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
         datasets=datasets,
+        # The workers' shards in the datasets' own order (Ray's default ingest lets blocks
+        # arrive as tasks finish): with the seeded shuffles, a seed fixes the data order.
+        dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
+
+
+def _ordered_ingest() -> Any:
+    """Ray Train's default ingest options with preserve_order on."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def summary_metrics(final: dict[str, Any]) -> dict[str, Any]:
@@ -518,12 +567,12 @@ def run_train(run: Run) -> dict[str, Any]:
     prepared = prepare(run, out)
     key = resume_key(run, prepared)
     resuming = open_storage(run, key)
-    train_rows = prepared.train_rows(1.0, seed)
+    train_rows = prepared.train_rows(train.data_fraction, seed)
     mode = data_loading_mode(
         train, prepared.dataset_bytes, train.num_workers * train.cpus_per_worker
     )
     data_started = time.perf_counter()
-    datasets = make_datasets(prepared, train, fraction=1.0, seed=seed, mode=mode)
+    datasets = make_datasets(prepared, train, fraction=train.data_fraction, seed=seed, mode=mode)
     data_seconds = time.perf_counter() - data_started
     storage_path, name = _storage(run)
     trainer = make_trainer(
