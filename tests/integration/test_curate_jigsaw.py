@@ -16,7 +16,7 @@ from ray_pipeline.config import load_config
 from ray_pipeline.pipeline import run_stages
 from ray_pipeline.train.data import load_examples
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 # Rows and toxic rows (by gold) of each set, from the data folder's README.
 SETS = {"a": (1100, 100), "b": (2200, 200), "c": (2064, 178), "d": (3200, 1200), "e": (5000, 495)}

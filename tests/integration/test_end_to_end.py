@@ -15,7 +15,7 @@ from ray_pipeline.data.schema import OK
 from ray_pipeline.data.sources import log_rows
 from ray_pipeline.run_state import STAGES, load_report
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
 def test_report_has_every_stage_and_the_student_learned(e2e_run):

@@ -45,7 +45,6 @@ def test_serve_build_writes_a_deployable_serve_config(e2e_run, tmp_path):
     assert control.user_config["weights"] == {"student": 0.99, "teacher": 0.01}
 
 
-@pytest.mark.slow
 def test_distill_serve_stops_cleanly_on_ctrl_c(e2e_run, tmp_path):
     # A run folder of its own (the e2e report: its checkpoints), so the e2e run keeps its own.
     run_dir = tmp_path / "runs" / "served"

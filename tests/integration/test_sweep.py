@@ -21,7 +21,8 @@ from ray_pipeline.data.prompts import Prompt
 from ray_pipeline.data.schema import dumps, new_row, row_id, to_table
 from ray_pipeline.run_state import Run
 
-pytestmark = pytest.mark.integration
+# Each trial is a TorchTrainer run: minutes apiece on 2 cores, so out of the default run.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def curated_run(tmp_path: Path, train: dict, sweep: dict, n_rows: int = 160) -> Run:
