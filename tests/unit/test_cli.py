@@ -19,7 +19,9 @@ def commands() -> set[str]:
 
 
 def test_every_job_script_is_the_cli_command_of_its_name(root):
-    names = {p.stem for p in (root / "jobs").glob("*.py") if p.stem != "__init__"}
+    # Beside the stage jobs, jobs/jigsaw.py runs the playbook's case study (many runs of the
+    # loop and their table): a job of its own, not a CLI command.
+    names = {p.stem for p in (root / "jobs").glob("*.py")} - {"__init__", "jigsaw"}
     assert names == {*STAGES, "distill"}
     for name in names:
         tree = ast.parse((root / "jobs" / f"{name}.py").read_text())
