@@ -19,6 +19,19 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, x: str, metric: str, title: str, path: str | Path) -> Path:
+    """Label, grid and legend the axes, write the PNG and free the figure."""
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_fraction_ablation(
     points: list[tuple[float, int, float]],
     fit: dict[str, Any],
@@ -42,15 +55,7 @@ def plot_fraction_ablation(
             label=f"fit {fit['form']}: b={fit['b']:.2f}, c={fit['c']:.3g}",
         )
         ax.plot([hi], [fit["at_double_rows"]], "x", markersize=9, label="doubled data (fit)")
-    ax.set_xlabel("training rows")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title("dataset-size ablation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, "training rows", metric, "dataset-size ablation", path)
 
 
 def plot_parameter(
@@ -73,12 +78,5 @@ def plot_parameter(
         ax.plot(xs, [values[x] for x in xs], marker="o", label=f"fraction {fraction:g}")
     if param == "learning_rate":
         ax.set_xscale("log")
-    ax.set_xlabel(param.replace("_", " "))
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(f"{metric} by {param} (best per value)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    title = f"{metric} by {param} (best per value)"
+    return _finish(plt, fig, ax, param, metric, title, path)
