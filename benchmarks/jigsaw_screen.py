@@ -48,6 +48,11 @@ def main() -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--probs-out",
+        help="write every epoch's validation and test probabilities here (JSON), to compare "
+        "threshold rules without retraining",
+    )
     args = p.parse_args()
 
     import numpy as np
@@ -121,6 +126,7 @@ def main() -> None:
         "epochs": [],
     }
     rng = random.Random(args.seed)
+    saved: list[dict] = []
     started = time.perf_counter()
     for epoch in range(args.epochs):
         model.train()
@@ -166,6 +172,10 @@ def main() -> None:
                 },
             }
         result["epochs"].append(ep)
+        saved.append({"epoch": epoch + 1, "val": vp, **tp})
+        if args.probs_out:
+            labels = {"val": vt, **{n: tests[n][1] for n in tests}}
+            Path(args.probs_out).write_text(json.dumps({"labels": labels, "epochs": saved}))
         print(json.dumps(ep), file=sys.stderr, flush=True)
     print(json.dumps(result))
 

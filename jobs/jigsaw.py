@@ -1,7 +1,8 @@
 """Job: the LLM Distillation Playbook's Jigsaw case study, reproduced (ray_pipeline.jigsaw).
 
-Sets A-E trained and evaluated on test.balanced and test.indist, the table beside the
-playbook's published numbers, and the dataset-size ablation on E:
+Sets A-E (and ours, CDE: configs/jigsaw_set_cde.yaml) trained and evaluated on test.balanced
+and test.indist, the table beside the playbook's published numbers, and the dataset-size
+ablation on E:
 
     python -m jobs.jigsaw                                  # writes runs/jigsaw-reproduction/
     python -m jobs.jigsaw --sets c e --fractions           # two sets, no ablation
@@ -24,7 +25,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description="The playbook's Jigsaw reproduction.")
     p.add_argument("--out", default="runs/jigsaw-reproduction", help="output folder")
     p.add_argument("--data-dir", default=DATA_DIR, help="the recorded Jigsaw logs")
-    p.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS + EXTRA_SETS)
+    p.add_argument(
+        "--sets",
+        nargs="*",
+        default=[*SETS, "cde"],
+        choices=SETS + EXTRA_SETS,
+        help="the playbook's A-E and ours: cde (the default's last), c_gold",
+    )
     p.add_argument(
         "--fractions", nargs="*", type=float, default=[0.25, 0.5], help="ablation sizes on E"
     )

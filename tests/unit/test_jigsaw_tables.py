@@ -28,7 +28,12 @@ def test_orderings_and_targets_as_measured():
     results.append(result("e", 0.86, 0.93))
     assert orderings(results) == {"A < B < C": True, "A < E": False}
     t = targets(results)
-    assert t["best_set"] == "C" and t["met"] is True
+    assert t["best_set"] == "C" and t["met"] is True and t["met_by"] == ["C"]
+    # The student that meets both targets is reported, not the best on the balanced set.
+    both = targets([result("d", 0.95, 0.85), result("cde", 0.93, 0.92)])
+    assert both["best_set"] == "CDE" and both["met_by"] == ["CDE"]
+    none = targets([result("d", 0.95, 0.85), result("c", 0.90, 0.95)])
+    assert none["best_set"] == "D" and none["met"] is False and none["met_by"] == []
     # Winning on the balanced set but not beating GPT-4 in distribution is not enough.
     assert targets([result("c", 0.95, 0.9091)])["met"] is False
     assert targets([result("c", 0.926, 0.95)])["met"] is False
