@@ -281,13 +281,17 @@ def error_of(err: dict[str, Any]) -> dict[str, Any]:
 def direct_app(args: dict[str, Any]) -> serve.Application:
     """The students of the run alone, without the router (``AppArgs`` like the router's;
     its first group of students): the baseline the router's overhead is measured against."""
-    from ray_pipeline.serving.args import AppArgs
+    from ray_pipeline.serving.args import AppArgs, replica_runtime_env
 
     a = AppArgs.model_validate(args)
     s = a.serve
     group = student_groups(a.students)[0]
+    actor = {"num_cpus": s.student.num_cpus, "num_gpus": s.student.num_gpus}
+    env = replica_runtime_env(s, model=True)  # as the router's students run
+    if env:
+        actor["runtime_env"] = env
     return DirectStudent.options(
-        ray_actor_options={"num_cpus": s.student.num_cpus, "num_gpus": s.student.num_gpus},
+        ray_actor_options=actor,
         max_ongoing_requests=s.student.max_ongoing_requests,
         graceful_shutdown_timeout_s=s.shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=min(0.25, s.shutdown_timeout_s),

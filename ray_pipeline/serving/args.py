@@ -44,3 +44,25 @@ class AppArgs(BaseModel):
         if self.serve.student.num_gpus is None:
             raise ValueError("serve.student.num_gpus must be resolved to a number")
         return self
+
+
+# Ray Serve's throughput-optimized mode (ray/serve/_private/constants.py), read by each replica
+# process when it imports Serve: so it is set in the replicas' runtime_env.
+THROUGHPUT_OPTIMIZED_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # Direct ingress lets HAProxy call the ingress replicas' own ports; behind Serve's proxy
+    # nothing does, and a stopping router would wait 30 s for load balancers to let go.
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+}
+
+
+def replica_runtime_env(serve: ServeSection, model: bool = False) -> dict[str, dict[str, str]]:
+    """The runtime_env of the app's replicas (``serve.throughput_optimized``); `model`: a
+    student replica, whose code keeps its own thread so that a batch's forward pass, which
+    holds it for milliseconds to seconds, never blocks the replica's event loop."""
+    if not serve.throughput_optimized:
+        return {}
+    env = dict(THROUGHPUT_OPTIMIZED_ENV)
+    if model:
+        env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "1"
+    return {"env_vars": env}

@@ -499,3 +499,22 @@ def test_prometheus_metrics_are_exported(served):
         time.sleep(1)
     for w in wanted:
         assert w in text, w
+
+
+def test_replicas_run_throughput_optimized_beside_the_apps_own_environment(served):
+    """serve.throughput_optimized (on by default) is in every deployment's runtime_env,
+    merged with the app's own (the keys above reach the router: the other tests pass auth);
+    the students keep their code in its own thread."""
+    from ray.serve.context import _get_global_client
+
+    from ray_pipeline.serving.args import THROUGHPUT_OPTIMIZED_ENV
+
+    details = _get_global_client().get_serve_details()
+    deployments = details["applications"]["canary"]["deployments"]
+    assert {"Router", "RouterControl", "Teacher", "Student-student"} <= set(deployments)
+    for name, d in deployments.items():
+        env = d["deployment_config"]["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert env["DISTILL_TEST_SERVE_KEY"] == KEY, name
+        assert env.items() >= THROUGHPUT_OPTIMIZED_ENV.items(), name
+        thread = env.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD")
+        assert thread == ("1" if name.startswith("Student-") else None), name
