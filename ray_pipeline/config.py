@@ -1761,10 +1761,6 @@ class DistillConfig(Section):
             problems.append("train.threshold.positive_label is for binary label tasks")
         if t.distill.weight > 0:
             problems.append("train.distill (logit distillation) is built for label tasks")
-        if self.serve.enabled and self.serve.mode == "hybrid":
-            problems.append(
-                "serve.mode hybrid checks answers against the task's labels; use canary or shadow"
-            )
         if problems:
             raise ValueError("task.kind is generative: " + "; ".join(problems))
         return self
