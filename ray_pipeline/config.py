@@ -1413,9 +1413,16 @@ class SweepSection(Section):
 # ---------------------------------------------------------------------------------- evaluate
 class EvalSetSection(Section):
     name: str = Field(description="Name shown in reports (e.g. 'balanced').")
-    path: Path = Field(description="JSONL/CSV/Parquet with inputs and gold labels.")
-    input_field: str = Field("input")
-    gold_field: str = Field("label")
+    path: Path = Field(
+        description="JSONL/CSV/Parquet with inputs and gold labels (a generative task: "
+        "reference answers)."
+    )
+    input_field: str = Field("input", description="Field with the input text.")
+    gold_field: str = Field(
+        "label",
+        description="Field with the gold label, or a generative task's reference answer (text, "
+        "or a JSON value compared as its compact JSON).",
+    )
     limit: int | None = Field(None, gt=0, description="Use only the first N rows.")
 
 

@@ -472,8 +472,9 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         "failed": after.status.get(FAILED, 0),
         "review": after.reasons.get(REVIEW, 0),
         "reasons": dict(sorted(after.reasons.items())),
-        "labels": dict(sorted(after.labels.items())),
-        "labels_before": manifest["labels_before"],
+        # A generative task's rows have no labels (the card counts them under 'none').
+        "labels": {} if cfg.task.generative else dict(sorted(after.labels.items())),
+        "labels_before": {} if cfg.task.generative else manifest["labels_before"],
         "seconds": round(seconds, 2),
         "rows_per_s": round(rows_in / seconds, 1) if seconds > 0 else None,
         "step_seconds": timings,
