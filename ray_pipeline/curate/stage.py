@@ -423,7 +423,9 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         ds = done("test_sets", build_test_sets(ds, cfg, ranks))
     if c.vote.enabled:
         ds = done("vote", each_row(ds, Vote(cfg.task)))
-    if not cfg.task.generative:  # a generative task's gold is a reference, not a label
+    if cfg.task.generative:
+        log.info("curate: no gold check: a generative task's gold is a reference answer")
+    else:
         ds = done("gold", each_row(ds, GoldCheck(c.gold, cfg.task)))
     if c.vote.enabled and c.vote.min_agreement > 0:
         ds = done("review", each_row(ds, Review(c.vote, cfg.task)))

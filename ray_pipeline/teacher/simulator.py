@@ -241,6 +241,9 @@ def simulator_identity(cfg: DistillConfig) -> str:
     settings["label_key"] = cfg.task.label_key
     settings["labels"] = cfg.task.labels
     settings["label_aliases"] = cfg.task.label_aliases
+    judge = cfg.evaluate.judge
+    if judge.enabled:  # the overlap judge's scores depend on the scale, not only the prompt
+        settings["eval_judge_scale"] = [judge.min_score, judge.max_score]
     blob = json.dumps(settings, sort_keys=True).encode()
     return f"simulator:{hashlib.sha256(blob).hexdigest()[:16]}"
 
