@@ -3,8 +3,9 @@
 Three kinds of question, each answered by a rule (the truth the simulator's ``qa`` rule
 answers by, wrong on a configurable share): the capital of a country, the sum of two small
 numbers, the opposite of a word. The teacher answers in JSON, ``{"answer": "Paris"}``, in
-varied formatting (fenced or bare); a small share of answers drift from the format (another
-key), which an output schema catches. A question the rule does not know gets "unknown".
+varied formatting (fenced or bare); a small share of answers drift from the format, by
+question (so every run alike): prose with no JSON in it (PROSE_SHARE: the row fails to parse)
+and JSON under another key (DRIFT_SHARE: an output schema catches it). A question the rule does not know gets "unknown".
 
 The offline generative example (configs/qa_seeds.yaml) expands a few hand-written questions
 (configs/data/qa_seeds/seeds.jsonl) into new ones through the simulator, which answers them.
@@ -91,7 +92,8 @@ OUTPUT_SCHEMA = {
     "required": ["answer"],
     "additionalProperties": False,
 }
-# Share of the teacher's answers that use another key than "answer" (format drift).
+# Shares of the teacher's answers in prose (no JSON) and under another key than "answer".
+PROSE_SHARE = 0.03
 DRIFT_SHARE = 0.05
 
 
@@ -131,10 +133,12 @@ def teacher_answer(question: str, error_rate: float, seed: int = 0, sample: int 
 
 
 def format_answer(answer: str, question: str) -> str:
-    """Teacher-style JSON, varied per question: fenced, bare, or (DRIFT_SHARE) under the
-    wrong key."""
+    """Teacher-style JSON, varied per question: fenced, bare, or off the format: prose
+    (PROSE_SHARE) or under the wrong key (DRIFT_SHARE)."""
     style = stable_fraction("qa-style", question)
-    if style < DRIFT_SHARE:
+    if style < PROSE_SHARE:
+        return f"The answer is {answer}."
+    if style < PROSE_SHARE + DRIFT_SHARE:
         return json.dumps({"response": answer})
     if style < 0.5:
         return f'```json\n{{"answer": {json.dumps(answer)}}}\n```'

@@ -37,8 +37,6 @@ def test_qa_seeds_runs_a_generative_task_end_to_end(tmp_path):
         sys.executable, "-m", "ray_pipeline.cli", "run", "configs/qa_seeds.yaml",
         "--set", f"run.output_dir={tmp_path}", "--set", "run.run_id=qa",
         "--set", "data.seeds.n_new=60", "--set", "train.epochs=2",
-        # No prose answers: which teacher answers are right is then the rule's alone.
-        "--set", "teacher.simulator.rate_unparsable=0",
         "--set", "curate.test_sets.build.0.rows=8",
         "--set", f"evaluate.test_sets.0.limit={TEST_ROWS}",
     ]  # fmt: skip
@@ -59,13 +57,16 @@ def test_qa_seeds_runs_a_generative_task_end_to_end(tmp_path):
     rejected = pq.read_table(run / "dataset" / "rejected").to_pylist()
     drifted = [r for r in rejected if (r["reason"] or "").startswith("schema_invalid")]
     assert all('"response"' in r["response"] for r in drifted)
+    prose = [r for r in rejected if (r["reason"] or "").startswith("parse_error")]
+    assert all(r["response"].startswith("The answer is") for r in prose)
 
     ev = report["evaluate"]
     assert ev["kind"] == "generative" and set(ev["test_sets"]) == {"truth", "heldout"}
     truth, heldout = ev["test_sets"]["truth"], ev["test_sets"]["heldout"]
     assert truth["rows"] == TEST_ROWS and heldout["rows"] == 8
     assert truth["models"] == ["student", "teacher", "frequent_answer", "echo"]
-    # The teacher against the right answers: the qa rule's errors and format drifts, exactly.
+    # The teacher against the right answers: the qa rule's errors and format drifts (prose,
+    # another key), exactly.
     questions = [r["input"] for r in read_texts(ROOT / "configs/data/qa_seeds/test.jsonl", "input")]
     right = [
         qa.teacher_answer(q, 0.1) == qa.true_answer(q)

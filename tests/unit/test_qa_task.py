@@ -50,10 +50,14 @@ def test_simulated_teacher_answers_by_the_rule_with_errors_and_drift():
     questions = qa.generate_questions(300, seed=5)
     answers = [ask(sim, qa.PROMPT.replace("{input}", q)) for q in questions]
     values = [parse_generative(a, qa.OUTPUT_SCHEMA).output for a in answers]
-    assert all(isinstance(v, dict) for v in values)  # every answer holds a JSON object
-    drifted = [v for v in values if "answer" not in v]
-    assert 0.01 < len(drifted) / len(values) < 0.1 and all("response" in v for v in drifted)
-    kept = [(q, v["answer"]) for q, v in zip(questions, values, strict=True) if "answer" in v]
+    prose = [a for a, v in zip(answers, values, strict=True) if v is None]
+    assert 0.005 < len(prose) / len(values) < 0.07  # PROSE_SHARE 0.03: no JSON value
+    assert all(a.startswith("The answer is ") for a in prose)
+    parsed = [(q, v) for q, v in zip(questions, values, strict=True) if v is not None]
+    assert all(isinstance(v, dict) for _, v in parsed)  # the others hold a JSON object
+    drifted = [v for _, v in parsed if "answer" not in v]
+    assert 0.02 < len(drifted) / len(parsed) < 0.1 and all("response" in v for v in drifted)
+    kept = [(q, v["answer"]) for q, v in parsed if "answer" in v]
     wrong = sum(a != qa.true_answer(q) for q, a in kept) / len(kept)
     assert 0.12 < wrong < 0.28  # error_rate 0.2
     assert answers == [
