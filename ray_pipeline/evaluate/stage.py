@@ -383,7 +383,7 @@ def accuracy_plot(sets: dict[str, Any], path: Path, metric: str = "accuracy") ->
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks([x + width * (len(whos) - 1) / 2 for x in range(len(names))], names)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel(metric)
+    ax.set_ylabel({"rouge_l": "ROUGE-L"}.get(metric, metric))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
