@@ -16,7 +16,7 @@ from ray_pipeline.data.sources import read_texts
 
 from .conftest import ROOT
 
-# About 3 minutes on 2 shared CPU cores (train alone ~70 s: Ray Train's start-up and two
+# 3 to 6 minutes on 2 shared CPU cores (train alone ~70 s: Ray Train's start-up and two
 # epochs' checkpoints), so out of the default run: `python -m pytest -m slow` runs it.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
