@@ -18,7 +18,7 @@ import random
 import re
 from pathlib import Path
 
-from ray_pipeline.data.synthetic import stable_fraction
+from ray_pipeline.data.synthetic import distinct, stable_fraction
 
 CAPITALS = {
     "France": "Paris",
@@ -158,18 +158,7 @@ def make_question(rng: random.Random) -> str:
 def generate_questions(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
     """`n` distinct questions (none in `exclude`, case aside)."""
     rng = random.Random(seed)
-    seen = {q.lower() for q in exclude}
-    out: list[str] = []
-    for _ in range(n * 200):
-        if len(out) == n:
-            break
-        q = make_question(rng)
-        if q.lower() not in seen:
-            seen.add(q.lower())
-            out.append(q)
-    if len(out) < n:
-        raise ValueError(f"could only make {len(out)} distinct questions of {n} asked for")
-    return out
+    return distinct(n, lambda: make_question(rng), exclude, "questions")
 
 
 SEEDS = [

@@ -122,14 +122,7 @@ def score_test_set(
         teacher_labels,
         labels,
     )
-    mistakes_path = ts_dir / "mistakes.jsonl"
-    with mistakes_path.open("w") as f:
-        for m in page_rows:
-            f.write(json.dumps(m, ensure_ascii=False) + "\n")
-    page = write_mistakes_page(ts_dir / "mistakes.html", name, page_rows, len(srows))
-    pq.write_table(to_table(srows), ts_dir / "student_predictions.parquet")
-    if trows:
-        pq.write_table(to_table(trows), ts_dir / "teacher_predictions.parquet")
+    mistakes_path, page = write_test_set_files(ts_dir, name, page_rows, srows, trows)
     result: dict[str, Any] = {
         "rows": len(srows),
         "models": list(metrics),
@@ -148,6 +141,26 @@ def score_test_set(
         result["teacher_failed"] = sum(1 for r in trows if r["status"] == "failed")
     log.info("evaluate %s: %s", name, {k: round(v, 4) for k, v in result["accuracy"].items()})
     return result
+
+
+def write_test_set_files(
+    ts_dir: Path,
+    name: str,
+    page_rows: list[dict[str, Any]],
+    srows: list[dict[str, Any]],
+    trows: list[dict[str, Any]],
+) -> tuple[Path, Path]:
+    """A test set's mistakes (JSONL and the HTML page) and the student's and teacher's
+    predictions (Parquet; the teacher's only when it answered): (mistakes file, page)."""
+    mistakes_path = ts_dir / "mistakes.jsonl"
+    with mistakes_path.open("w") as f:
+        for m in page_rows:
+            f.write(json.dumps(m, ensure_ascii=False) + "\n")
+    page = write_mistakes_page(ts_dir / "mistakes.html", name, page_rows, len(srows))
+    pq.write_table(to_table(srows), ts_dir / "student_predictions.parquet")
+    if trows:
+        pq.write_table(to_table(trows), ts_dir / "teacher_predictions.parquet")
+    return mistakes_path, page
 
 
 def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
@@ -339,14 +352,9 @@ def evaluate_generative(
             {r["id"]: judged.get(("student", r["id"]), {}) for r in srows},
             (jc.min_score, jc.max_score) if jc.enabled else None,
         )
-        mistakes_path = ts_dir / "mistakes.jsonl"
-        with mistakes_path.open("w") as f:
-            for m in page_rows:
-                f.write(json.dumps(m, ensure_ascii=False) + "\n")
-        page = write_mistakes_page(ts_dir / "mistakes.html", name, page_rows, len(srows))
-        pq.write_table(to_table(srows), ts_dir / "student_predictions.parquet")
-        if teachers.get(name):
-            pq.write_table(to_table(teachers[name]), ts_dir / "teacher_predictions.parquet")
+        mistakes_path, page = write_test_set_files(
+            ts_dir, name, page_rows, srows, teachers.get(name) or []
+        )
         sets[name] = {
             "rows": len(srows),
             "models": list(metrics),
