@@ -110,6 +110,17 @@ class RaySection(Section):
 
 
 # -------------------------------------------------------------------------------------- task
+def _valid_schema(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    if v is not None:
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(v)
+        except jsonschema.SchemaError as e:
+            raise ValueError(f"not a valid JSON Schema: {e.message}") from e
+    return v
+
+
 class PromptSection(Section):
     template: str | None = Field(
         None, description="Prompt sent to the teacher (and the student); holds `placeholder`."
@@ -143,11 +154,28 @@ class PromptSection(Section):
 class TaskSection(Section):
     name: str = Field("task", description="Name of the task (used in reports and the manifest).")
     prompt: PromptSection
+    kind: Literal["label", "generative"] = Field(
+        "label",
+        description="label: the teacher answers with one of `labels` (under label_key in its "
+        "JSON); generative: the teacher's whole answer is the target text (free text, or a "
+        "JSON value satisfying `output_schema` when one is given), scored against reference "
+        "answers by exact match, schema adherence, ROUGE-L and an LLM judge (evaluate.judge).",
+    )
     label_key: str = Field(
         "label", description="Key of the label in the teacher's structured (JSON) answer."
     )
-    labels: list[str] = Field(
-        description="Allowed label values, as strings (e.g. ['0', '1']).", min_length=2
+    labels: list[str] | None = Field(
+        None,
+        description="Allowed label values, as strings (e.g. ['0', '1']): at least 2 for a "
+        "label task; none for a generative task.",
+    )
+    output_schema: dict[str, Any] | None = Field(
+        None,
+        description="Generative tasks: JSON Schema (draft 2020-12) the answer must satisfy, "
+        "e.g. {type: object, required: [answer]}. Given, the teacher's answer must parse as "
+        "JSON (else the row fails: parse_error), curation drops answers that violate it "
+        "(schema_invalid), the student learns the parsed value as compact JSON and evaluation "
+        "reports the adherence rate. Null: the answer is free text.",
     )
     label_aliases: dict[str, str] = Field(
         default_factory=lambda: {"true": "1", "false": "0"},
@@ -164,11 +192,36 @@ class TaskSection(Section):
             ]
         return v
 
+    @field_validator("output_schema")
+    @classmethod
+    def _output_schema_is_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _valid_schema(v)
+
     @model_validator(mode="after")
-    def _distinct_labels(self) -> TaskSection:
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels must be distinct, got {self.labels}")
+    def _labels_fit_kind(self) -> TaskSection:
+        if self.kind == "label":
+            if self.labels is None or len(self.labels) < 2:
+                raise ValueError(
+                    f"a label task (kind: label) needs at least 2 labels, got {self.labels}; "
+                    "for free-text or JSON answers set kind: generative"
+                )
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"labels must be distinct, got {self.labels}")
+            if self.output_schema is not None:
+                raise ValueError(
+                    "output_schema is for kind: generative; a label task's answers are checked "
+                    "against its labels (curate.rules.output_schema filters them further)"
+                )
+        elif self.labels is not None:
+            raise ValueError(
+                f"a generative task has no labels (its answers are text), got {self.labels}; "
+                "drop labels or set kind: label"
+            )
         return self
+
+    @property
+    def generative(self) -> bool:
+        return self.kind == "generative"
 
 
 # ----------------------------------------------------------------------------------- teacher
@@ -187,8 +240,12 @@ class SimulatorSection(Section):
     replay: list[ReplaySource] = Field(
         default_factory=list, description="Tables of recorded responses, keyed by input text."
     )
-    rule: Literal["quickstart"] | None = Field(
-        None, description="Answer the built-in synthetic quickstart task by its rule."
+    rule: Literal["quickstart", "qa"] | None = Field(
+        None,
+        description="Answer a built-in synthetic task by its rule: quickstart (is a comment "
+        "toxic?) or qa (short questions: capitals, sums, opposites; answers "
+        '{"answer": "..."}; ray_pipeline.data.qa). Its seed expansion writes new inputs of '
+        "the same task.",
     )
     error_rate: float = Field(
         0.1, ge=0.0, le=1.0, description="Share of rule answers that are deliberately wrong."
@@ -603,14 +660,7 @@ class RulesSection(Section):
     @field_validator("output_schema")
     @classmethod
     def _schema_is_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None:
-            import jsonschema
-
-            try:
-                jsonschema.Draft202012Validator.check_schema(v)
-            except jsonschema.SchemaError as e:
-                raise ValueError(f"not a valid JSON Schema: {e.message}") from e
-        return v
+        return _valid_schema(v)
 
     @property
     def uses_tokens(self) -> bool:
@@ -1363,21 +1413,77 @@ class SweepSection(Section):
 # ---------------------------------------------------------------------------------- evaluate
 class EvalSetSection(Section):
     name: str = Field(description="Name shown in reports (e.g. 'balanced').")
-    path: Path = Field(description="JSONL/CSV/Parquet with inputs and gold labels.")
-    input_field: str = Field("input")
-    gold_field: str = Field("label")
+    path: Path = Field(
+        description="JSONL/CSV/Parquet with inputs and gold labels (a generative task: "
+        "reference answers)."
+    )
+    input_field: str = Field("input", description="Field with the input text.")
+    gold_field: str = Field(
+        "label",
+        description="Field with the gold label, or a generative task's reference answer (text, "
+        "or a JSON value compared as its compact JSON).",
+    )
     limit: int | None = Field(None, gt=0, description="Use only the first N rows.")
 
 
-class EvaluateSection(Section):
-    test_sets: list[EvalSetSection] = Field(default_factory=list)
-    teacher: bool = Field(True, description="Also score the teacher on the test sets.")
-    baselines: list[Literal["majority", "tfidf_logreg"]] = Field(
-        default_factory=lambda: ["majority", "tfidf_logreg"],
-        description="Naive baselines scored beside the student: majority (the most frequent "
-        "curated label) and tfidf_logreg (TF-IDF word 1-2-grams + logistic regression fitted "
-        "on the student's own training rows, validation rows left out).",
+DEFAULT_EVAL_JUDGE = (
+    "You grade a model's answer against a reference answer.\n\n"
+    "Question:\n{input}\n\nReference answer:\n{reference}\n\nModel's answer:\n{answer}\n\n"
+    "Rate how well the model's answer says what the reference says, from {min_score} (wrong "
+    "or unusable) to {max_score} (the same answer). Answer in JSON only: "
+    '{"score": <{min_score}-{max_score}>, "reason": "<one sentence>"}'
+)
+LABEL_BASELINES = ("majority", "tfidf_logreg")
+GENERATIVE_BASELINES = ("frequent_answer", "echo")
+
+
+class EvalJudgeSection(Section):
+    """Generative tasks: an LLM judge scores every answer (student, teacher, baselines)
+    against the reference through the teacher stage (its client, cache, rate limits and
+    budget). The simulator judges by token overlap with the reference (see
+    ray_pipeline.teacher.simulator.overlap_judgement)."""
+
+    enabled: bool = Field(False, description="Score every answer with the judge.")
+    prompt: str = Field(
+        DEFAULT_EVAL_JUDGE,
+        description="The judge's prompt: {input}, {reference} and {answer} are filled in, and "
+        "{min_score}/{max_score} when present; it must ask for JSON with 'score' (a number on "
+        "the scale) and 'reason'.",
     )
+    min_score: int = Field(1, ge=0, description="Lowest score of the judge's scale.")
+    max_score: int = Field(5, gt=0, description="Highest score of the judge's scale.")
+    model: str | None = Field(None, description="Judge model (default: teacher.model).")
+    max_tokens: int = Field(128, gt=0, description="Max tokens of one judgement.")
+
+    @model_validator(mode="after")
+    def _prompt_and_scale(self) -> EvalJudgeSection:
+        missing = [p for p in ("{input}", "{reference}", "{answer}") if p not in self.prompt]
+        if missing:
+            raise ValueError(f"prompt lacks {missing}")
+        if self.min_score >= self.max_score:
+            raise ValueError(
+                f"min_score ({self.min_score}) must be below max_score ({self.max_score})"
+            )
+        return self
+
+
+class EvaluateSection(Section):
+    test_sets: list[EvalSetSection] = Field(
+        default_factory=list,
+        description="Fixed test sets (inputs and gold labels, or reference answers for a "
+        "generative task); the test sets curate builds in the run (curate.test_sets.build) "
+        "are scored beside them.",
+    )
+    teacher: bool = Field(True, description="Also score the teacher on the test sets.")
+    baselines: list[Literal["majority", "tfidf_logreg", "frequent_answer", "echo"]] | None = Field(
+        None,
+        description="Naive baselines scored beside the student. Label tasks: majority (the "
+        "most frequent curated label) and tfidf_logreg (TF-IDF word 1-2-grams + logistic "
+        "regression fitted on the student's own training rows, validation rows left out). "
+        "Generative tasks: frequent_answer (the most frequent training answer, every time) "
+        "and echo (the input itself). Default: both of the task's kind.",
+    )
+    judge: EvalJudgeSection = Field(default_factory=EvalJudgeSection)
     max_new_tokens: int = Field(32, gt=0, description="Student answer length in evaluation.")
     batch_size: int = Field(32, gt=0)
 
@@ -1624,9 +1730,63 @@ class DistillConfig(Section):
     serve: ServeSection = Field(default_factory=ServeSection)
 
     @model_validator(mode="after")
+    def _fits_task_kind(self) -> DistillConfig:
+        """What a generative task (answers are text, no labels) cannot do, named by field."""
+        ev = self.evaluate
+        if ev.baselines is None:
+            ev.baselines = list(GENERATIVE_BASELINES if self.task.generative else LABEL_BASELINES)
+        if not self.task.generative:
+            wrong = [b for b in ev.baselines if b in GENERATIVE_BASELINES]
+            if wrong:
+                raise ValueError(
+                    f"evaluate.baselines {wrong} score generative answers; a label task has "
+                    f"{list(LABEL_BASELINES)}"
+                )
+            if ev.judge.enabled:
+                raise ValueError(
+                    "evaluate.judge scores generative answers against references; a label "
+                    "task is scored against gold labels (accuracy, F1, ...)"
+                )
+            return self
+        problems = []
+        wrong = [b for b in ev.baselines if b in LABEL_BASELINES]
+        if wrong:
+            problems.append(
+                f"evaluate.baselines {wrong} need labels; a generative task has "
+                f"{list(GENERATIVE_BASELINES)}"
+            )
+        c, t = self.curate, self.train
+        if c.vote.enabled:
+            problems.append("curate.vote needs labels to count; turn it off")
+        if c.gold.on_disagreement != "keep":
+            problems.append(
+                f"curate.gold.on_disagreement {c.gold.on_disagreement!r} compares labels; use keep"
+            )
+        if c.balance.target is not None:
+            problems.append("curate.balance.target resamples labels; drop it")
+        balanced = [b.name for b in c.test_sets.build if b.kind == "balanced"]
+        if balanced:
+            problems.append(
+                f"curate.test_sets.build {balanced}: kind balanced splits by label; use "
+                "in_distribution"
+            )
+        if t.student.kind != "causal_lm":
+            problems.append(
+                f"train.student.kind {t.student.kind!r} predicts labels; a generative task "
+                "needs causal_lm"
+            )
+        if t.threshold.positive_label is not None:
+            problems.append("train.threshold.positive_label is for binary label tasks")
+        if t.distill.weight > 0:
+            problems.append("train.distill (logit distillation) is built for label tasks")
+        if problems:
+            raise ValueError("task.kind is generative: " + "; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _positive_label_is_a_label(self) -> DistillConfig:
         positive = self.train.threshold.positive_label
-        if positive is not None and positive not in self.task.labels:
+        if positive is not None and positive not in (self.task.labels or []):
             raise ValueError(
                 f"train.threshold.positive_label {positive!r} is not one of task.labels "
                 f"{self.task.labels}"
@@ -1636,10 +1796,11 @@ class DistillConfig(Section):
     @model_validator(mode="after")
     def _curate_fits_task_and_student(self) -> DistillConfig:
         target = self.curate.balance.target
-        if target is not None and set(target) - set(self.task.labels):
+        labels = self.task.labels or []
+        if target is not None and not self.task.generative and set(target) - set(labels):
             raise ValueError(
-                f"curate.balance.target: {sorted(set(target) - set(self.task.labels))} not in "
-                f"task.labels {self.task.labels}"
+                f"curate.balance.target: {sorted(set(target) - set(labels))} not in "
+                f"task.labels {labels}"
             )
         if self.curate.rules.uses_tokens and self.train.student.model == "tiny":
             raise ValueError(

@@ -27,9 +27,58 @@ def _in_run(path: str, parts: int) -> str:
     return "/".join(Path(path).parts[-parts:])
 
 
+def _generative_section(ev: dict[str, Any]) -> list[str]:
+    """Per test set one table of every model's exact match, schema adherence, ROUGE-L and
+    judge score, and the link to its mistakes page."""
+    judge = ev.get("judge")
+    scale = f" ({judge['scale'][0]}-{judge['scale'][1]})" if judge else ""
+    out = ["## Evaluation (against reference answers)", ""]
+    for name, ts in ev.get("test_sets", {}).items():
+        out += [f"### {name} ({ts['rows']} rows)", ""]
+        rows = [
+            [
+                who,
+                m["exact_match"],
+                m["json_adherence"],
+                m["rouge_l"],
+                m["judge_score"],
+                m["unparsed"],
+            ]
+            for who, m in ts["metrics"].items()
+        ]
+        header = ["model", "exact match", "schema adherence", "ROUGE-L", f"judge{scale}"]
+        out += [_table([*header, "unparsed"], rows), ""]
+        if ts.get("mistakes_page"):
+            out += [
+                f"[Mistakes page]({_in_run(ts['mistakes_page'], 3)}): "
+                f"{ts.get('mistakes', 0)} student answers that are not exact, "
+                f"{ts.get('disagreements', 0)} more where the teacher's is not.",
+                "",
+            ]
+    out += [
+        "Models: student (`" + str(ev.get("checkpoint_from", "")) + "`), teacher, "
+        "frequent_answer (the most frequent training answer), echo (the input as the answer). "
+        "Schema adherence is empty without task.output_schema, the judge without "
+        "evaluate.judge.",
+        "",
+    ]
+    if judge:
+        out += [
+            f"Judge: `{judge['model']}`, {judge['judged']} answers judged, "
+            f"{judge['failed']} failed, {judge['calls']} calls, {judge['cache_hits']} cache "
+            f"hits, ${judge['cost_usd']:.4f}.",
+            "",
+        ]
+    if ev.get("plot"):
+        out += [f"![ROUGE-L]({_in_run(ev['plot'], 2)})", ""]
+    return out
+
+
 def _evaluate_section(ev: dict[str, Any]) -> list[str]:
     """One table of every model on every test set, then per test set its per-class table,
     confusion matrices and the link to its mistakes page."""
+    if ev.get("kind") == "generative":
+        return _generative_section(ev)
     out = ["## Evaluation (on gold labels)", ""]
     rows = []
     for name, ts in ev.get("test_sets", {}).items():

@@ -8,7 +8,7 @@ import hashlib
 import random
 
 from ray_pipeline.config import TaskSection
-from ray_pipeline.teacher.parse import parse_answer
+from ray_pipeline.teacher.parse import parse_answer, parse_generative
 from serve_apps.protocol import Reply
 
 
@@ -41,13 +41,18 @@ class Answers:
 
     def label(self, text: str) -> str | None:
         t = self.task
+        if t.generative:
+            return None  # a generative answer has no label
         return parse_answer(text, t.label_key, t.labels, t.label_aliases).label
 
     def valid(self, text: str) -> bool:
+        if self.task.generative:  # non-empty, and a JSON value when the task has a schema
+            return parse_generative(text, self.task.output_schema).output is not None
         return self.label(text) is not None
 
     def agree(self, a: str, b: str) -> bool:
-        """Same label when both are in the task's format, else the same text."""
+        """Same label when both are in the task's format, else the same text (a generative
+        task: the same text)."""
         la, lb = self.label(a), self.label(b)
         if la is not None and lb is not None:
             return la == lb

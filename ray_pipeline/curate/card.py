@@ -136,8 +136,13 @@ def render(
     counts = m["counts"]
     parts = [
         f"<h1>Data card: {html.escape(m['run_id'])}</h1>",
-        f"<p>Task <b>{html.escape(m['task']['name'])}</b>, labels "
-        f"{html.escape(', '.join(m['task']['labels']))}. Content sha256 "
+        f"<p>Task <b>{html.escape(m['task']['name'])}</b>, "
+        + (
+            f"labels {html.escape(', '.join(m['task']['labels']))}"
+            if m["task"].get("labels")
+            else "generative (text answers)"
+        )
+        + f". Content sha256 "
         f"<code>{m['content_sha256'][:16]}…</code>.</p>",
         _table(
             ["input rows", "kept", "filtered", "failed", "to review"],

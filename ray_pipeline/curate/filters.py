@@ -40,7 +40,8 @@ def load_tokenizer(source: str) -> Any:
 
 class LabelFilter:
     """The parse-failure filter: an answer that parsed but has no valid label is not
-    trainable; the reason says what was wrong (key missing, value not an allowed label)."""
+    trainable; the reason says what was wrong (key missing, value not an allowed label). A
+    generative task's rows need a parsed answer (``output``), not a label."""
 
     def __init__(self, task: TaskSection):
         self.task = task
@@ -50,8 +51,13 @@ class LabelFilter:
         for row in rows:
             if row["status"] != OK or row["label"] is not None:
                 continue
+            if t.generative and row["output"] is not None:
+                continue
             if row["response"] is None:
                 filter_row(row, "no_answer: the row has no teacher response")
+                continue
+            if t.generative:
+                filter_row(row, "parse_error: the answer was never parsed")
                 continue
             parsed = parse_answer(row["response"], t.label_key, t.labels, t.label_aliases)
             filter_row(row, parsed.error or "invalid_label")
@@ -65,6 +71,8 @@ class GoldFilter:
         self.labels = task.labels
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.labels is None:  # a generative task's gold is a reference answer
+            return rows
         for row in rows:
             if row["status"] == OK and row["gold"] is not None and row["gold"] not in self.labels:
                 filter_row(row, f"invalid_gold: {row['gold']!r} is not one of {self.labels}")
@@ -74,9 +82,12 @@ class GoldFilter:
 class RuleFilter:
     """Length limits (characters, and tokens of the student's tokenizer), regex deny/allow
     lists on the input and deny list on the answer, refusals and boilerplate, empty answers,
-    answers that echo the input, and the answer's JSON Schema."""
+    answers that echo the input, and the answer's JSON Schema (curate.rules.output_schema,
+    and a generative task's own task.output_schema: `answer_schema`)."""
 
-    def __init__(self, rules: RulesSection, tokenizer: Any = None):
+    def __init__(
+        self, rules: RulesSection, tokenizer: Any = None, answer_schema: dict | None = None
+    ):
         if rules.uses_tokens and tokenizer is None:
             raise ValueError("curate.rules has token limits: give the student's tokenizer")
         self.rules = rules
@@ -85,11 +96,13 @@ class RuleFilter:
         self.allow = [re.compile(p) for p in rules.allow_patterns]
         self.answer_deny = [re.compile(p) for p in rules.response_deny_patterns]
         self.refusals = [re.compile(p) for p in rules.refusal_patterns]
-        self.schema = None
-        if rules.output_schema is not None:
-            import jsonschema
+        import jsonschema
 
-            self.schema = jsonschema.Draft202012Validator(rules.output_schema)
+        self.schemas = [
+            jsonschema.Draft202012Validator(schema)
+            for schema in (answer_schema, rules.output_schema)
+            if schema is not None
+        ]
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
@@ -135,16 +148,18 @@ class RuleFilter:
             key = normalize_text(text)
             if len(key) >= r.echo_min_chars and key in normalize_text(answer):
                 return f"prompt_echo: the answer repeats the {n}-char input"
-        if self.schema is not None:
-            return self._schema_error(row)
+        for schema in self.schemas:
+            error = self._schema_error(row, schema)
+            if error is not None:
+                return error
         return None
 
-    def _schema_error(self, row: dict[str, Any]) -> str | None:
+    def _schema_error(self, row: dict[str, Any], schema: Any) -> str | None:
         import jsonschema
 
         if row["output"] is None:
             return "schema_invalid: the answer did not parse into a value"
-        error = jsonschema.exceptions.best_match(self.schema.iter_errors(json.loads(row["output"])))
+        error = jsonschema.exceptions.best_match(schema.iter_errors(json.loads(row["output"])))
         if error is None:
             return None
         where = "/".join(str(p) for p in error.absolute_path) or "the answer"

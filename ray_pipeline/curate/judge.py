@@ -18,7 +18,7 @@ from typing import Any
 from ray_pipeline.config import JudgeSection
 from ray_pipeline.curate.filters import filter_row
 from ray_pipeline.curate.vote import merge_scores
-from ray_pipeline.data.schema import FAILED, OK, dumps, new_row
+from ray_pipeline.data.schema import FAILED, OK, answer_text, dumps, new_row
 from ray_pipeline.data.subsets import stable_unit
 from ray_pipeline.teacher.parse import ParseError, parse_structured
 
@@ -42,7 +42,11 @@ def to_requests(rows: list[dict[str, Any]], rubric: str, target: str) -> list[di
         if row["status"] != OK:
             out.append(row)
             continue
-        answer = row["output"] if target == "canonical" and row["output"] else row["response"]
+        answer = (
+            answer_text(row["output"])
+            if target == "canonical" and row["output"]
+            else row["response"]
+        )
         prompt = judge_prompt(rubric, row["input"], answer)
         out.append(
             new_row(
@@ -57,8 +61,8 @@ def to_requests(rows: list[dict[str, Any]], rubric: str, target: str) -> list[di
     return out
 
 
-def parse_judgement(text: str) -> tuple[int, str]:
-    """(score 1-5, reason) from the judge's answer; ValueError naming what is wrong."""
+def parse_judgement(text: str, low: int = 1, high: int = 5) -> tuple[int, str]:
+    """(score low-high, reason) from the judge's answer; ValueError naming what is wrong."""
     try:
         value, _ = parse_structured(text)
     except ParseError as e:
@@ -68,8 +72,8 @@ def parse_judgement(text: str) -> tuple[int, str]:
     score = value["score"]
     if isinstance(score, str) and score.strip().replace(".", "", 1).isdigit():
         score = float(score)
-    if isinstance(score, bool) or not isinstance(score, int | float) or not 1 <= score <= 5:
-        raise ValueError(f"score {value['score']!r} is not a number from 1 to 5")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not low <= score <= high:
+        raise ValueError(f"score {value['score']!r} is not a number from {low} to {high}")
     return round(score), str(value.get("reason") or "")
 
 

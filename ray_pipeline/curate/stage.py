@@ -69,7 +69,7 @@ from ray_pipeline.curate.judge import cutoff, from_replies, keep_judged, to_requ
 from ray_pipeline.curate.stats import LENGTH_EDGES, NGRAM_SAMPLE_ROWS, Stats, StatsConfig
 from ray_pipeline.curate.vote import Review, Vote, merge_votes
 from ray_pipeline.data.manifest import source_entry, write_manifest
-from ray_pipeline.data.schema import FAILED, FILTERED, OK, to_table
+from ray_pipeline.data.schema import FAILED, FILTERED, OK, answer_text, to_table
 from ray_pipeline.data.subsets import smallest_subset
 from ray_pipeline.run_state import Run
 
@@ -77,6 +77,7 @@ log = logging.getLogger("distill.curate")
 
 REVIEW = "low_agreement"
 HELD_OUT = "held_out"
+ANY_ROW = "*"  # the one "label" of a generative task's test-set draw
 
 
 # ------------------------------------------------------------------------ row steps
@@ -85,7 +86,8 @@ def row_filters(
 ) -> list[dict[str, Any]]:
     """The row-by-row filters of step 1, in order; the first reason a row meets stays."""
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    filters = [LabelFilter(cfg.task), GoldFilter(cfg.task), RuleFilter(cfg.curate.rules, tok)]
+    rules = RuleFilter(cfg.curate.rules, tok, answer_schema=cfg.task.output_schema)
+    filters = [LabelFilter(cfg.task), GoldFilter(cfg.task), rules]
     if index:
         filters.append(TestOverlapFilter(index))
     for f in filters:
@@ -168,24 +170,33 @@ def _test_candidates(
     batch: pa.Table, spec: Any, seed: int, bounds: dict[str, float], ranks: dict[str, int]
 ) -> pa.Table:
     rows = _ok(batch)
-    rows = rows.filter(pc.is_in(rows["gold"], pa.array(list(bounds))))
+    anything = ANY_ROW in bounds  # a generative task: every ok row is a candidate
+    if not anything:
+        rows = rows.filter(pc.is_in(rows["gold"], pa.array(list(bounds))))
     out = []
     for row, order in zip(rows.to_pylist(), row_orders(rows, ranks).tolist(), strict=True):
         u = test_unit(spec, seed, row["id"], order)
-        if u < bounds[row["gold"]]:
-            out.append({"order": order, "gold": row["gold"], "u": u})
+        gold = ANY_ROW if anything else row["gold"]
+        if u < bounds[gold]:
+            out.append({"order": order, "gold": gold, "u": u})
     schema = pa.schema([("order", pa.int64()), ("gold", pa.string()), ("u", pa.float64())])
     return pa.Table.from_pylist(out, schema=schema)
+
+
+def ok_rows(batch: pa.Table) -> Counter:
+    return Counter({ANY_ROW: _ok(batch).num_rows})
 
 
 def build_test_sets(ds: Any, cfg: DistillConfig, ranks: dict[str, int]) -> Any:
     """Choose the rows of each configured test set among the ok gold-labelled rows (the
     smallest hash draws; candidates of about twice the size reach the driver, never the
-    rows) and hold them out."""
-    labels = cfg.task.labels
+    rows) and hold them out. A generative task draws from every ok row: its reference is
+    the row's gold answer where it has one, else the teacher's answer."""
+    generative = cfg.task.generative
+    labels = [ANY_ROW] if generative else cfg.task.labels
     chosen: dict[int, str] = {}
     for spec in cfg.curate.test_sets.build:
-        counts = tally(ds, ok_gold, labels=labels)
+        counts = tally(ds, ok_rows) if generative else tally(ds, ok_gold, labels=labels)
         widen = 1.0
         while True:
             bounds = candidate_bounds(spec, labels, counts, widen)
@@ -412,7 +423,10 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         ds = done("test_sets", build_test_sets(ds, cfg, ranks))
     if c.vote.enabled:
         ds = done("vote", each_row(ds, Vote(cfg.task)))
-    ds = done("gold", each_row(ds, GoldCheck(c.gold, cfg.task)))
+    if cfg.task.generative:
+        log.info("curate: no gold check: a generative task's gold is a reference answer")
+    else:
+        ds = done("gold", each_row(ds, GoldCheck(c.gold, cfg.task)))
     if c.vote.enabled and c.vote.min_agreement > 0:
         ds = done("review", each_row(ds, Review(c.vote, cfg.task)))
     if c.balance.cap_per is not None:
@@ -442,6 +456,8 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         held = ds.map_batches(_select, fn_kwargs={"which": "held_out"}, batch_format="pyarrow")
         sets: dict[str, list[dict[str, Any]]] = {b.name: [] for b in c.test_sets.build}
         for r in held.take_all():  # the test sets: small by construction
+            if cfg.task.generative and r["gold"] is None:
+                r["gold"] = answer_text(r["output"])  # the teacher's answer is the reference
             sets[r["reason"].split("'")[1]].append(r)
         frozen = write_test_sets(sets, {b.name: b.kind for b in c.test_sets.build}, test_dir)
         outputs["test_sets"] = str(test_dir)
@@ -458,8 +474,9 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         "failed": after.status.get(FAILED, 0),
         "review": after.reasons.get(REVIEW, 0),
         "reasons": dict(sorted(after.reasons.items())),
-        "labels": dict(sorted(after.labels.items())),
-        "labels_before": manifest["labels_before"],
+        # A generative task's rows have no labels (the card counts them under 'none').
+        "labels": {} if cfg.task.generative else dict(sorted(after.labels.items())),
+        "labels_before": {} if cfg.task.generative else manifest["labels_before"],
         "seconds": round(seconds, 2),
         "rows_per_s": round(rows_in / seconds, 1) if seconds > 0 else None,
         "step_seconds": timings,
@@ -509,7 +526,13 @@ def _manifest(
         "rejected": outputs["rejected"],
         "review": outputs["review"],
         "rows": after.kept(),
-        "task": {"name": cfg.task.name, "label_key": cfg.task.label_key, "labels": cfg.task.labels},
+        "task": {
+            "name": cfg.task.name,
+            "kind": cfg.task.kind,
+            "label_key": cfg.task.label_key,
+            "labels": cfg.task.labels,
+            "output_schema": cfg.task.output_schema,
+        },
         "sources": sources,
         "teacher": {
             "model": cfg.teacher.model,

@@ -108,7 +108,9 @@ class Stats:
                 if row["prompt_hash"]:
                     self.prompt_hashes.add(row["prompt_hash"])
                 self.lengths_kept[_length_bin(n)] += 1
-                self.digest += digest_part(row["id"], row["label"])
+                # A generative row (no label) is its answer.
+                answer = row["label"] if row["label"] is not None else row["output"]
+                self.digest += digest_part(row["id"], answer)
                 smallest = smallest_subset(row["id"], c.fractions, c.seed)
                 if smallest is not None:
                     self.subsets.setdefault(smallest, Counter())[row["label"]] += 1

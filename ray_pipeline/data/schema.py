@@ -88,6 +88,14 @@ def answer_json(label_key: str, label: str) -> str:
     return dumps({label_key: value})
 
 
+def answer_text(output: str) -> str:
+    """An answer as text, from its ``output`` (JSON): a text answer (a generative task without
+    an output schema) is the text itself, a structured one its JSON as stored. What the
+    student learns (train.target: canonical) and what is compared with a reference."""
+    value = json.loads(output)
+    return value if isinstance(value, str) else output
+
+
 def normalize_label(value: Any, labels: list[str], aliases: dict[str, str]) -> str | None:
     """Map a raw label value to one of `labels` (as a string), or None if it is not one."""
     if isinstance(value, bool):

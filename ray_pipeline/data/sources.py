@@ -223,14 +223,15 @@ def _record_fields(
                 fields["votes"] = dumps(_recorded_votes(rec, src))
     if src.gold_field is not None and rec.get(src.gold_field) not in (None, ""):
         gold = rec[src.gold_field]
-        fields["gold"] = normalize_label(gold, task.labels, task.label_aliases) or str(gold)
+        # A generative task's gold is a reference answer, kept as written.
+        label = None if task.generative else normalize_label(gold, task.labels, task.label_aliases)
+        fields["gold"] = label or str(gold)
     if src.label_from == "gold":
         if "gold" not in fields:
             raise ValueError(f"no gold label in field {src.gold_field!r} (label_from: gold)")
         # An unknown gold label stays as written, for curation to filter with its reason.
-        fields.update(
-            response=answer_json(task.label_key, fields["gold"]), teacher=src.teacher_name
-        )
+        answer = fields["gold"] if task.generative else answer_json(task.label_key, fields["gold"])
+        fields.update(response=answer, teacher=src.teacher_name)
     user = rec.get(src.user_field) if src.user_field is not None else None
     if user is None and _is_openai_record(rec):
         user = rec["request"].get("user")

@@ -15,6 +15,7 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 INSULTS = [
@@ -158,17 +159,23 @@ def generate_comments(
 ) -> list[str]:
     """`n` distinct comments (none in `exclude`), about `toxic_share` of them toxic."""
     rng = random.Random(seed)
-    seen = {c.lower() for c in exclude}
+    return distinct(n, lambda: make_comment(rng, rng.random() < toxic_share), exclude, "comments")
+
+
+def distinct(n: int, make: Callable[[], str], exclude: set[str], what: str) -> list[str]:
+    """`n` texts from `make()` that differ from each other and from `exclude`, case aside;
+    a ValueError when `make` cannot find that many in n * 200 draws."""
+    seen = {t.lower() for t in exclude}
     out: list[str] = []
     for _ in range(n * 200):
         if len(out) == n:
             break
-        c = make_comment(rng, rng.random() < toxic_share)
-        if c.lower() not in seen:
-            seen.add(c.lower())
-            out.append(c)
+        t = make()
+        if t.lower() not in seen:
+            seen.add(t.lower())
+            out.append(t)
     if len(out) < n:
-        raise ValueError(f"could only make {len(out)} distinct comments of {n} asked for")
+        raise ValueError(f"could only make {len(out)} distinct {what} of {n} asked for")
     return out
 
 

@@ -7,6 +7,11 @@ the student (greedy answers from the checkpoint, parsed like the teacher's), of 
 the baselines: the majority class of the curated labels, and TF-IDF + logistic regression
 fitted on the student's own training rows. Every student mistake and every student/teacher
 disagreement goes on the test set's mistakes page (HTML). Output: runs/<id>/evaluate/.
+
+A generative task is scored against reference answers instead (``evaluate.generative``):
+exact match, schema adherence, ROUGE-L and the LLM judge's mean score, for the student, the
+teacher and the baselines (the most frequent training answer; the input echoed). The test
+sets curate built in the run are scored beside evaluate.test_sets.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_pipeline.config import TaskSection
-from ray_pipeline.data.schema import to_table
-from ray_pipeline.data.test_sets import test_set_rows
+from ray_pipeline.data.schema import answer_text, to_table
+from ray_pipeline.data.test_sets import built_test_sets, test_set_rows
+from ray_pipeline.evaluate import generative as gen
 from ray_pipeline.evaluate.metrics import TfidfBaseline, classification_metrics, majority_label
 from ray_pipeline.evaluate.mistakes import ERROR, mistake_rows, write_mistakes_page
 from ray_pipeline.run_state import Run
@@ -116,14 +122,7 @@ def score_test_set(
         teacher_labels,
         labels,
     )
-    mistakes_path = ts_dir / "mistakes.jsonl"
-    with mistakes_path.open("w") as f:
-        for m in page_rows:
-            f.write(json.dumps(m, ensure_ascii=False) + "\n")
-    page = write_mistakes_page(ts_dir / "mistakes.html", name, page_rows, len(srows))
-    pq.write_table(to_table(srows), ts_dir / "student_predictions.parquet")
-    if trows:
-        pq.write_table(to_table(trows), ts_dir / "teacher_predictions.parquet")
+    mistakes_path, page = write_test_set_files(ts_dir, name, page_rows, srows, trows)
     result: dict[str, Any] = {
         "rows": len(srows),
         "models": list(metrics),
@@ -144,6 +143,26 @@ def score_test_set(
     return result
 
 
+def write_test_set_files(
+    ts_dir: Path,
+    name: str,
+    page_rows: list[dict[str, Any]],
+    srows: list[dict[str, Any]],
+    trows: list[dict[str, Any]],
+) -> tuple[Path, Path]:
+    """A test set's mistakes (JSONL and the HTML page) and the student's and teacher's
+    predictions (Parquet; the teacher's only when it answered): (mistakes file, page)."""
+    mistakes_path = ts_dir / "mistakes.jsonl"
+    with mistakes_path.open("w") as f:
+        for m in page_rows:
+            f.write(json.dumps(m, ensure_ascii=False) + "\n")
+    page = write_mistakes_page(ts_dir / "mistakes.html", name, page_rows, len(srows))
+    pq.write_table(to_table(srows), ts_dir / "student_predictions.parquet")
+    if trows:
+        pq.write_table(to_table(trows), ts_dir / "teacher_predictions.parquet")
+    return mistakes_path, page
+
+
 def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
     import ray
 
@@ -151,7 +170,9 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
     cfg = run.cfg
     checkpoint, checkpoint_from = run.student_checkpoint()
     out = run.stage_dir("evaluate")
-    tests = to_table(test_set_rows(cfg))  # read once, for the student and the teacher
+    built = run.require("curate")["outputs"].get("test_sets")
+    extra = built_test_sets(Path(built) / "frozen.json") if built else []
+    tests = to_table(test_set_rows(cfg, extra))  # read once, for the student and the teacher
 
     student_rows = (
         ray.data.from_arrow(tests)
@@ -182,6 +203,29 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
         )
 
     students, teachers = _by_test_set(student_rows), _by_test_set(teacher_rows)
+    paid = [r for r in teacher_rows if r["cost"] is not None]
+    section = {
+        "checkpoint": checkpoint,
+        "checkpoint_from": checkpoint_from,
+        "baselines": list(cfg.evaluate.baselines),
+        # What scoring the teacher cost this run (recorded and cached answers cost nothing).
+        "teacher_spend": {
+            "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in paid),
+            "completion_tokens": sum(r["completion_tokens"] or 0 for r in paid),
+            "cost_usd": from_pico(sum(to_pico(r["cost"]) for r in paid)),
+        },
+    }
+    if cfg.task.generative:
+        sets, judge_info = evaluate_generative(run, endpoint, students, teachers, out)
+        plot = accuracy_plot(sets, out / "rouge_l.png", metric="rouge_l")
+        return {
+            **section,
+            "kind": "generative",
+            "test_sets": sets,
+            "judge": judge_info,
+            "plot": str(plot),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
     majority = majority_label(run.require("curate")["labels"])
     tfidf = None
     if "tfidf_logreg" in cfg.evaluate.baselines:
@@ -201,25 +245,137 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
         sets[name]["majority_label"] = majority
 
     plot = accuracy_plot(sets, out / "accuracy.png")
-    paid = [r for r in teacher_rows if r["cost"] is not None]
     return {
-        "checkpoint": checkpoint,
-        "checkpoint_from": checkpoint_from,
+        **section,
         "test_sets": sets,
-        "baselines": list(cfg.evaluate.baselines),
-        # What scoring the teacher cost this run (recorded and cached answers cost nothing).
-        "teacher_spend": {
-            "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in paid),
-            "completion_tokens": sum(r["completion_tokens"] or 0 for r in paid),
-            "cost_usd": from_pico(sum(to_pico(r["cost"]) for r in paid)),
-        },
         "plot": str(plot),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
 
-def accuracy_plot(sets: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: accuracy of student, teacher and baseline per test set."""
+def training_answers(run: Run) -> list[str]:
+    """The answers (as the student learns them) of the rows the student trained on: the
+    curated dataset without the validation rows, for the frequent-answer baseline."""
+    from ray_pipeline.train.data import in_split
+
+    dataset = run.require("curate")["outputs"]["train"]
+    table = pq.read_table(dataset, columns=["id", "output"]).to_pylist()
+    return [
+        answer_text(r["output"])
+        for r in table
+        if r["output"] is not None and in_split(r["id"], "train", run.cfg.train.val_fraction)
+    ]
+
+
+def evaluate_generative(
+    run: Run,
+    endpoint: TeacherEndpoint | None,
+    students: dict[str, list[dict[str, Any]]],
+    teachers: dict[str, list[dict[str, Any]]],
+    out: Path,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Every model's answers on every test set against the references (``generative``),
+    the judge's requests sent through the teacher's actor pool; the mistakes pages."""
+    cfg = run.cfg
+    task, jc = cfg.task, cfg.evaluate.judge
+    frequent = None
+    if "frequent_answer" in cfg.evaluate.baselines:
+        frequent = gen.frequent_answer(training_answers(run))
+        log.info("frequent-answer baseline: %r", frequent)
+    # Raw answers per test set and model: {set: {model: [answer text or None per row]}}.
+    answers: dict[str, dict[str, list[str | None]]] = {}
+    for name, srows in students.items():
+        by_id = {r["id"]: r for r in teachers.get(name, [])}
+        models: dict[str, list[str | None]] = {"student": [r["response"] for r in srows]}
+        if by_id:
+            # A failed call has no response: unparsed, like an answer with no value in it.
+            models["teacher"] = [by_id[r["id"]]["response"] for r in srows]
+        if frequent is not None:
+            models["frequent_answer"] = [frequent] * len(srows)
+        if "echo" in cfg.evaluate.baselines:
+            models["echo"] = [r["input"] for r in srows]
+        answers[name] = models
+    judged: dict[tuple[str, str], dict[str, Any]] = {}
+    judge_info = None
+    if jc.enabled:
+        if endpoint is None:
+            raise ValueError("evaluate.judge is enabled but no teacher endpoint was given")
+        cases = [
+            (who, row, text or "")
+            for name, srows in students.items()
+            for who, texts in answers[name].items()
+            for row, text in zip(srows, texts, strict=True)
+        ]
+        session = TeacherSession(run, endpoint)
+        before = session.snapshot()
+        with session.progress():
+            replies = session.pool(
+                session.dataset(to_table(gen.judge_requests(cases, jc))),
+                params={"temperature": 0.0, "max_tokens": jc.max_tokens, "n": 1},
+                voters=False,
+                model=jc.model,
+            ).take_all()
+        judged = gen.judge_scores(replies, jc)
+        after = session.snapshot()
+        judge_info = {
+            "model": jc.model or cfg.teacher.model,
+            "scale": [jc.min_score, jc.max_score],
+            "judged": len(judged),
+            "failed": sum(1 for j in judged.values() if "error" in j),
+            "calls": after["calls"] - before["calls"],
+            "cache_hits": after["cache_hits"] - before["cache_hits"],
+            "cost_usd": round(after["cost_usd"] - before["cost_usd"], 6),
+        }
+    sets: dict[str, Any] = {}
+    for name, srows in students.items():
+        refs = [r["gold"] for r in srows]
+        metrics = {
+            who: gen.generative_metrics(
+                refs,
+                texts,
+                task,
+                [judged[(who, r["id"])] for r in srows] if jc.enabled else None,
+            )
+            for who, texts in answers[name].items()
+        }
+        ts_dir = out / name
+        ts_dir.mkdir(exist_ok=True)
+        teacher_texts = (
+            dict(zip([r["id"] for r in srows], answers[name]["teacher"], strict=True))
+            if "teacher" in answers[name]
+            else {}
+        )
+        page_rows = gen.generative_mistake_rows(
+            [{**r, "confidence": _confidence(r)[0]} for r in srows],
+            teacher_texts,
+            task,
+            {r["id"]: judged.get(("student", r["id"]), {}) for r in srows},
+            (jc.min_score, jc.max_score) if jc.enabled else None,
+        )
+        mistakes_path, page = write_test_set_files(
+            ts_dir, name, page_rows, srows, teachers.get(name) or []
+        )
+        sets[name] = {
+            "rows": len(srows),
+            "models": list(metrics),
+            "metrics": metrics,
+            "rouge_l": {who: m["rouge_l"] for who, m in metrics.items()},
+            "mistakes": sum(m["kind"] == ERROR for m in page_rows),
+            "disagreements": sum(m["kind"] != ERROR for m in page_rows),
+            "mistakes_file": str(mistakes_path),
+            "mistakes_page": str(page),
+        }
+        log.info(
+            "evaluate %s: %s",
+            name,
+            {w: (round(m["exact_match"], 3), round(m["rouge_l"], 3)) for w, m in metrics.items()},
+        )
+    return sets, judge_info
+
+
+def accuracy_plot(sets: dict[str, Any], path: Path, metric: str = "accuracy") -> Path:
+    """Grouped bars: `metric` (accuracy; ROUGE-L for a generative task) of student, teacher
+    and baselines per test set."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,12 +386,12 @@ def accuracy_plot(sets: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(whos) * len(names) + 1.5), 3.2))
     width = 0.8 / len(whos)
     for i, who in enumerate(whos):
-        vals = [sets[n]["accuracy"].get(who, 0.0) for n in names]
+        vals = [sets[n][metric].get(who, 0.0) for n in names]
         bars = ax.bar([x + i * width for x in range(len(names))], vals, width, label=who)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks([x + width * (len(whos) - 1) / 2 for x in range(len(names))], names)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel({"rouge_l": "ROUGE-L"}.get(metric, metric))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

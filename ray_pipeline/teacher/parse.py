@@ -29,7 +29,7 @@ class ParseError(ValueError):
 
 @dataclass(frozen=True)
 class ParsedAnswer:
-    output: dict[str, Any] | None  # the parsed object (None when nothing could be parsed)
+    output: Any  # the parsed object or, for a free-text answer, the text (None: nothing parsed)
     label: str | None  # the normalised label (None when missing or not allowed)
     error: str | None  # why output or label is missing
     mode: str  # json | python | regex | none
@@ -116,6 +116,21 @@ def parse_answer(
     return ParsedAnswer(obj, label, None, mode)
 
 
+def parse_generative(text: str, schema: dict[str, Any] | None) -> ParsedAnswer:
+    """A generative task's answer: with an output schema, the JSON value in it (checked
+    against the schema later, in curation: a violation is filtered with its reason, an answer
+    with no value in it fails here); without one, the text itself, stripped."""
+    if not isinstance(text, str) or not text.strip():
+        return ParsedAnswer(None, None, "parse_error: empty answer", "none")
+    if schema is None:
+        return ParsedAnswer(text.strip(), None, None, "text")
+    try:
+        value, mode = parse_structured(text)
+    except ParseError as e:
+        return ParsedAnswer(None, None, f"parse_error: {e}", "none")
+    return ParsedAnswer(value, None, None, mode)
+
+
 def parse_list(text: str) -> list[str]:
     """A list of strings from an answer (JSON/python list; else one item per non-empty line)."""
     try:
@@ -131,9 +146,17 @@ def parse_list(text: str) -> list[str]:
 def parse_rows(rows: list[dict[str, Any]], task: TaskSection) -> list[dict[str, Any]]:
     """Parse each answered row's response into ``output`` and ``label``. An answer with no
     structured value in it fails the row; a parsed answer without a valid label keeps
-    ``label`` empty for curation to filter with its reason."""
+    ``label`` empty for curation to filter with its reason. A generative task's rows get
+    ``output`` alone (``parse_generative``)."""
     for row in rows:
         if row["status"] != OK or row["response"] is None or row["output"] is not None:
+            continue
+        if task.generative:
+            parsed = parse_generative(row["response"], task.output_schema)
+            if parsed.output is None:
+                row.update(status=FAILED, reason=parsed.error)
+            else:
+                row["output"] = dumps(parsed.output)
             continue
         if row["votes"] is not None:
             votes = json.loads(row["votes"])

@@ -5,10 +5,15 @@ It answers ``POST /v1/chat/completions`` and ``GET /v1/models``:
 * from **replay tables** of recorded responses keyed by input text (e.g. every Jigsaw
   ``*.responses.csv``, answering with its ``simple_prompt`` column), the input being recovered
   from the prompt by the task's template;
-* for the built-in **quickstart** task by its rule, wrong on a configurable share of answers;
-* for **seed expansion** prompts (the run's expansion template) with new quickstart-style inputs;
+* for the built-in **quickstart** task (is a comment toxic?) and **qa** task (short questions,
+  ``ray_pipeline.data.qa``) by their rules, wrong on a configurable share of answers;
+* for **seed expansion** prompts (the run's expansion template) with new inputs of the rule's
+  task (quickstart comments, or qa questions);
 * for **judge** prompts (the run's ``curate.judge.rubric``, when the judge is on) with a score
-  1-5 and a reason (``judgement``): by the quickstart rule where it applies, else a seeded draw.
+  1-5 and a reason (``judgement``): by the rule where one applies, else a seeded draw;
+* for **evaluation judge** prompts (``evaluate.judge.prompt`` of a generative task) with a
+  score on the configured scale by the token overlap of the answer with the reference
+  (``overlap_judgement``): a deterministic stand-in for a judge model.
 
 Answers carry token ``usage`` (about 4 characters per token) after a latency drawn from a fixed,
 normal or lognormal distribution. Asked for ``logprobs`` (and ``top_logprobs``), an answer
@@ -49,12 +54,12 @@ from pathlib import Path
 from typing import Any
 
 from ray_pipeline.config import DistillConfig
-from ray_pipeline.data import synthetic
+from ray_pipeline.data import qa, synthetic
 from ray_pipeline.data.manifest import file_sha256
 from ray_pipeline.data.prompts import Prompt, last_user_content
 from ray_pipeline.data.schema import normalize_label
 from ray_pipeline.data.sources import read_records
-from ray_pipeline.teacher.parse import label_pattern, parse_answer
+from ray_pipeline.teacher.parse import ParseError, label_pattern, parse_answer, parse_structured
 
 # Fault kind -> the setting holding its rate; rate bands are laid out on [0, 1) in this order.
 FAULT_RATES = {
@@ -107,6 +112,11 @@ def judgement(
     wrong label; 1 for an answer without a valid label (any task); otherwise a seeded draw
     from 1 to 5 (there is no truth to judge by)."""
     label_key, labels, aliases = task
+    if rule == "qa":
+        return _qa_judgement(text, answer)
+    if labels is None:  # a generative task without a rule: no truth to judge by
+        score = 1 + int(synthetic.stable_fraction("judge", seed, text, answer) * 5)
+        return json.dumps({"score": score, "reason": "a simulated judgement (no rule)"})
     parsed = parse_answer(answer, label_key, labels, aliases)
     if parsed.label is None:
         score, why = 1, "the answer has no valid label"
@@ -121,6 +131,70 @@ def judgement(
         score = 1 + int(synthetic.stable_fraction("judge", seed, text, answer) * 5)
         why = "a simulated judgement (no rule for this task)"
     return json.dumps({"score": score, "reason": why})
+
+
+def _answer_value(answer: str) -> tuple[str | None, str]:
+    """(the "answer" value of a qa answer or None, the parse mode)."""
+    try:
+        value, mode = parse_structured(answer)
+    except ParseError:
+        return None, "none"
+    if isinstance(value, dict) and isinstance(value.get("answer"), str | int | float):
+        return str(value["answer"]), mode
+    return None, mode
+
+
+def _qa_judgement(question: str, answer: str) -> str:
+    """The qa rule's judge: 5 for the right answer as bare JSON, 4 for the right answer
+    otherwise formatted (a fence), 2 for a wrong answer, 1 for no "answer" at all."""
+    value, _ = _answer_value(answer)
+    bare = answer.strip().startswith("{")
+    if value is None:
+        score, why = 1, 'the answer has no "answer" value'
+    elif value.strip().casefold() != qa.true_answer(question).casefold():
+        score, why = 2, f"{value!r} is not the right answer"
+    elif bare:
+        score, why = 5, "the right answer, in the requested JSON"
+    else:
+        score, why = 4, "the right answer, not in plain JSON"
+    return json.dumps({"score": score, "reason": why})
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _answer_words(text: str) -> list[str]:
+    """The words of an answer, lower-case; of a JSON object or list, the words of its values
+    (its keys are format, not content)."""
+    try:
+        value, _ = parse_structured(text)
+    except ParseError:
+        value = text
+    if isinstance(value, dict):
+        value = " ".join(str(v) for v in value.values())
+    elif isinstance(value, list):
+        value = " ".join(str(v) for v in value)
+    return _WORD.findall(str(value).casefold())
+
+
+def overlap_judgement(reference: str, answer: str, low: int, high: int) -> str:
+    """The simulated evaluation judge's verdict: the F1 of the words the answer shares with
+    the reference (``_answer_words``: a JSON answer's values, not its keys), mapped onto the
+    scale low..high and rounded. Equal answers get `high`, answers with no word in common
+    `low`."""
+    ref, ans = Counter(_answer_words(reference)), Counter(_answer_words(answer))
+    common = sum((ref & ans).values())
+    f1 = 0.0 if not common else 2 * common / (sum(ref.values()) + sum(ans.values()))
+    score = round(low + f1 * (high - low))
+    return json.dumps({"score": score, "reason": f"word overlap F1 {f1:.2f} with the reference"})
+
+
+def eval_judge_template(cfg: DistillConfig) -> str:
+    """evaluate.judge.prompt with its scale filled in: {input}, {reference}, {answer} left."""
+    j = cfg.evaluate.judge
+    return j.prompt.replace("{min_score}", str(j.min_score)).replace(
+        "{max_score}", str(j.max_score)
+    )
 
 
 def _slots_regex(template: str, names: tuple[str, ...]) -> re.Pattern:
@@ -167,6 +241,9 @@ def simulator_identity(cfg: DistillConfig) -> str:
     settings["label_key"] = cfg.task.label_key
     settings["labels"] = cfg.task.labels
     settings["label_aliases"] = cfg.task.label_aliases
+    judge = cfg.evaluate.judge
+    if judge.enabled:  # the overlap judge's scores depend on the scale, not only the prompt
+        settings["eval_judge_scale"] = [judge.min_score, judge.max_score]
     blob = json.dumps(settings, sort_keys=True).encode()
     return f"simulator:{hashlib.sha256(blob).hexdigest()[:16]}"
 
@@ -318,6 +395,13 @@ class Simulator:
         self._expansion = _template_regex(seeds.template) if seeds is not None else None
         judge = cfg.curate.judge
         self._judge = _slots_regex(judge.rubric, ("input", "answer")) if judge.enabled else None
+        ej = cfg.evaluate.judge
+        self._eval_judge = (
+            _slots_regex(eval_judge_template(cfg), ("input", "reference", "answer"))
+            if ej.enabled
+            else None
+        )
+        self._scale = (ej.min_score, ej.max_score)
         # Separate streams, so changing the latency distribution leaves which requests fault alone.
         self._fault_rng = random.Random(f"{spec.seed}:faults")
         self._latency_rng = random.Random(f"{spec.seed}:latency")
@@ -575,6 +659,12 @@ class Simulator:
                 task = (self.label_key, self.labels, self.label_aliases)
                 verdict = judgement(m["input"], m["answer"], self.spec.rule, task, self.spec.seed)
                 return [verdict] * n, [None] * n
+        if self._eval_judge is not None:
+            m = self._eval_judge.match(user)
+            if m is not None:
+                self.counts["eval_judge"] += 1
+                verdict = overlap_judgement(m["reference"], m["answer"], *self._scale)
+                return [verdict] * n, [None] * n
         text = self._input_of(user)
         seed = self.spec.seed
         if text in self.replay:
@@ -594,10 +684,19 @@ class Simulator:
                 for i in range(n)
             ]
             return texts, [synthetic.error_draw(text, seed, sample=i) for i in range(n)]
+        if self.spec.rule == "qa":
+            self.counts["rule"] += 1
+            texts = [
+                qa.format_answer(qa.teacher_answer(text, self.spec.error_rate, seed, i), text)
+                for i in range(n)
+            ]
+            return texts, [None] * n  # no label token: every token of the answer is certain
         return None
 
     def _logprobs(self, text: str, draw: float | None, top: int) -> list[dict[str, Any]]:
         """The token logprobs of one answer (``logprobs_content``)."""
+        if draw is None or self.labels is None:
+            return logprobs_content(_PIECE.findall(text), None, None, {}, top)
         tokens, label_at, label = answer_tokens(
             text, self.label_key, self.labels, self.label_aliases
         )
@@ -615,6 +714,8 @@ class Simulator:
         seed = int(
             synthetic.stable_fraction(user, body.get("seed"), sample, self.spec.seed) * 2**31
         )
+        if self.spec.rule == "qa":
+            return json.dumps(qa.generate_questions(min(k, 100), seed))
         return json.dumps(synthetic.generate_comments(min(k, 100), seed))
 
 

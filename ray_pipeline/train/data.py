@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 # The subsets' rule lives below the stages: curate records the subsets train trains on.
+from ray_pipeline.data.schema import answer_text
 from ray_pipeline.data.subsets import in_subset, stable_unit
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def load_examples(
             Example(
                 id=r["id"],
                 messages=json.loads(r["messages"]),
-                target=r[column],
+                target=answer_text(r[column]) if target == "canonical" else r[column],
                 label=r["label"],
                 input=r["input"],
             )
@@ -221,7 +222,7 @@ def encode_rows(
             Example(
                 id=row_id,
                 messages=json.loads(batch["messages"][i]),
-                target=batch[column][i],
+                target=answer_text(batch[column][i]) if target == "canonical" else batch[column][i],
                 label=batch["label"][i],
                 input=batch["input"][i],
                 teacher_logprobs=batch["teacher_logprobs"][i] if soft_targets else None,

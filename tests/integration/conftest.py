@@ -61,6 +61,7 @@ def e2e_run(tmp_path_factory):
         sys.executable, "-m", "ray_pipeline.cli", "run", "configs/quickstart.yaml",
         "--set", f"run.output_dir={out}", "--set", "run.run_id=e2e",
         "--set", "data.seeds.n_new=80", "--set", "sweep.learning_rate=[0.003]",
+        "--set", "sweep.fractions=[1.0]",
         "--set", "serve.port=0", "--set", "serve.smoke_requests=12",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -36,36 +36,41 @@ def build(root, jigsaw_dir, name, out):
     return run, json.loads((run.dir / "report.json").read_text())
 
 
-def test_sets_a_to_e_are_built_from_the_logs(ray_local, root, jigsaw_dir, tmp_path):
-    for key, (rows, toxic) in SETS.items():
-        run, report = build(root, jigsaw_dir, f"jigsaw_set_{key}", tmp_path)
-        cur = report["curate"]
-        assert report["generate"]["teacher_calls"] == 0, key
-        kept = pq.read_table(run.dir / "dataset" / "train").to_pylist()
-        assert cur["kept"] == len(kept) == rows, (key, cur["reasons"])
-        assert sum(r["gold"] == "1" for r in kept) == toxic, key
-        # The train stage reads it as it is.
-        examples = load_examples(run.dir / "dataset" / "train", "canonical")
-        assert len(examples) == rows and {e.label for e in examples} == {"0", "1"}
-        gold = cur["gold"]
-        if key == "c":
-            # C is the gold check on B: every row where GPT-4 disagrees with gold is dropped.
-            assert cur["reasons"] == {"gold_disagreement": 136}
-            assert all(r["label"] == r["gold"] for r in kept)
-            with open(jigsaw_dir / "train.C.csv", newline="") as f:
-                published = list(csv.DictReader(f))
-            assert sorted(r["input"] for r in kept) == sorted(r["comment_text"] for r in published)
-            assert gold["accuracy"] == round(2064 / 2200, 4)
-        else:
-            assert cur["reasons"] == {}, key
-        if key in ("b", "d"):
-            # The first 1,100 rows keep GPT-4's labels, the rest are gold-labelled rows mixed in.
-            assert gold["rows"] == 1100 and gold["mixed_gold_rows"] == rows - 1100
-            mixed = [r for r in kept if r["teacher"] == "gold:is_bad"]
-            assert len(mixed) == rows - 1100 and all(r["label"] == r["gold"] for r in mixed)
-        manifest = json.loads((run.dir / "dataset" / "manifest.json").read_text())
-        assert [t["name"] for t in manifest["test_sets"]["checked"]] == ["balanced", "indist"]
-        assert (run.dir / "dataset" / "card.html").stat().st_size > 1000
+# C (the gold check) and D (gold rows mixed in) exercise every rule; A, B and E repeat A's
+# (teacher labels only, or B's mix-in) on more rows: they run with `-m slow`.
+@pytest.mark.parametrize(
+    "key", [pytest.param(k, marks=[] if k in ("c", "d") else [pytest.mark.slow]) for k in SETS]
+)
+def test_sets_a_to_e_are_built_from_the_logs(ray_local, root, jigsaw_dir, tmp_path, key):
+    rows, toxic = SETS[key]
+    run, report = build(root, jigsaw_dir, f"jigsaw_set_{key}", tmp_path)
+    cur = report["curate"]
+    assert report["generate"]["teacher_calls"] == 0, key
+    kept = pq.read_table(run.dir / "dataset" / "train").to_pylist()
+    assert cur["kept"] == len(kept) == rows, (key, cur["reasons"])
+    assert sum(r["gold"] == "1" for r in kept) == toxic, key
+    # The train stage reads it as it is.
+    examples = load_examples(run.dir / "dataset" / "train", "canonical")
+    assert len(examples) == rows and {e.label for e in examples} == {"0", "1"}
+    gold = cur["gold"]
+    if key == "c":
+        # C is the gold check on B: every row where GPT-4 disagrees with gold is dropped.
+        assert cur["reasons"] == {"gold_disagreement": 136}
+        assert all(r["label"] == r["gold"] for r in kept)
+        with open(jigsaw_dir / "train.C.csv", newline="") as f:
+            published = list(csv.DictReader(f))
+        assert sorted(r["input"] for r in kept) == sorted(r["comment_text"] for r in published)
+        assert gold["accuracy"] == round(2064 / 2200, 4)
+    else:
+        assert cur["reasons"] == {}, key
+    if key in ("b", "d"):
+        # The first 1,100 rows keep GPT-4's labels, the rest are gold-labelled rows mixed in.
+        assert gold["rows"] == 1100 and gold["mixed_gold_rows"] == rows - 1100
+        mixed = [r for r in kept if r["teacher"] == "gold:is_bad"]
+        assert len(mixed) == rows - 1100 and all(r["label"] == r["gold"] for r in mixed)
+    manifest = json.loads((run.dir / "dataset" / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["test_sets"]["checked"]] == ["balanced", "indist"]
+    assert (run.dir / "dataset" / "card.html").stat().st_size > 1000
 
 
 def test_gpt4_accuracy_on_the_balanced_test_set_beside_a_vote(

@@ -115,6 +115,24 @@ def test_answers_validity_and_agreement():
     assert answers.agree("same prose", " same prose ") and not answers.agree("a", "b")
 
 
+def test_answers_of_a_generative_task():
+    task = TaskSection.model_validate(
+        {
+            "kind": "generative",
+            "prompt": {"template": "{input}"},
+            "output_schema": {"type": "object"},
+        }
+    )
+    answers = Answers(task)
+    assert answers.valid('Sure: {"answer": "Paris"}') and not answers.valid("Paris")
+    assert answers.label('{"answer": "Paris"}') is None  # no labels: text answers
+    assert answers.agree(' {"a": 1}', '{"a": 1}') and not answers.agree('{"a": 1}', '{"a": 2}')
+    free = Answers(
+        TaskSection.model_validate({"kind": "generative", "prompt": {"template": "{input}"}})
+    )
+    assert free.valid("Paris") and not free.valid("  ")
+
+
 def test_hybrid_falls_back_on_error_format_or_low_confidence():
     sure, unsure = Reply("x", 1, 1, confidence=0.95), Reply("x", 1, 1, confidence=0.4)
     assert fallback_reason(sure, None, True, 0.8) is None
