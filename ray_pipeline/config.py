@@ -1651,13 +1651,13 @@ class ServeSection(Section):
     throughput_optimized: bool = Field(
         True,
         description="Run the app's replicas in Ray Serve's throughput-optimized mode "
-        "(RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in each deployment's runtime_env): calls between "
-        "replicas over direct gRPC, a replica's handle routing and (router, teacher proxy) "
-        "user code on the replica's own event loop, request-path logs buffered, garbage "
-        "collector frozen after start. Students keep their code in a separate thread, so a "
-        "batch's forward pass never blocks the replica's loop; direct ingress stays off (it "
-        "serves HAProxy and would hold a stopping router 30 s). Applies to the replicas; a "
-        "cluster's proxies follow their nodes' own environment. False: Serve's defaults.",
+        "(RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the app's runtime_env, which Serve merges into "
+        "every deployment's: add your own env_vars beside it in the Serve config file): calls "
+        "between replicas over direct gRPC, request-path logs buffered, garbage collector "
+        "frozen after start. User code keeps its own thread, so a student's forward pass "
+        "never blocks its replica's loop; direct ingress stays off (it serves HAProxy and "
+        "would hold a stopping router 30 s). Applies to the replicas; a cluster's proxies "
+        "follow their nodes' own environment. False: Serve's defaults.",
     )
     seed: int | None = Field(None, description="Seed of the traffic split (default run.seed).")
     smoke_requests: int = Field(20, ge=0, description="Requests sent through the router.")

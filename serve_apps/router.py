@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_pipeline.config import AUTO_MODEL, TEACHER_TARGET, ReplicaSection, ServeSection
 from ray_pipeline.data.prompts import Prompt, last_user_content
-from ray_pipeline.serving.args import AppArgs, replica_runtime_env
+from ray_pipeline.serving.args import AppArgs
 from ray_pipeline.serving.live import apply_live, live_settings
 from ray_pipeline.serving.request_log import RequestLogFiles
 from serve_apps.protocol import (
@@ -741,9 +741,7 @@ class Router:
 
 
 # ------------------------------------------------------------------------------------ builder
-def _options(
-    r: ReplicaSection, num_gpus: float, shutdown_s: float, runtime_env: dict[str, Any]
-) -> dict[str, Any]:
+def _options(r: ReplicaSection, num_gpus: float, shutdown_s: float) -> dict[str, Any]:
     a = r.autoscaling
     scale: dict[str, Any] = (
         {"num_replicas": a.min_replicas}
@@ -756,11 +754,8 @@ def _options(
             }
         }
     )
-    actor: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": num_gpus}
-    if runtime_env:  # an empty one would only change the options' hash
-        actor["runtime_env"] = runtime_env
     return {
-        "ray_actor_options": actor,
+        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": num_gpus},
         "max_ongoing_requests": r.max_ongoing_requests,
         # Stop fast: Ctrl-C on `distill serve` ends within seconds, not Serve's 20 s default.
         "graceful_shutdown_timeout_s": shutdown_s,
@@ -775,15 +770,14 @@ def app(args: dict[str, Any]) -> serve.Application:
     settings and the router in front."""
     a = AppArgs.model_validate(args)
     s = a.serve
-    env, model_env = replica_runtime_env(s), replica_runtime_env(s, model=True)
     # Deployments of no resources of their own (the live settings, the quota).
-    light = {"num_cpus": 0, **({"runtime_env": env} if env else {})}
+    light = {"num_cpus": 0}
     handles: dict[str, Any] = {}
     for group in student_groups(a.students):
         first = next(iter(group))
         node = StudentDeployment.options(
             name=f"Student-{first}",
-            **_options(s.student, s.student.num_gpus, s.shutdown_timeout_s, model_env),
+            **_options(s.student, s.student.num_gpus, s.shutdown_timeout_s),
         ).bind(group, s.batching.max_batch_size, s.batching.wait_timeout_s, s.max_new_tokens)
         handles.update({name: node for name in group})
     t = a.teacher
@@ -801,7 +795,7 @@ def app(args: dict[str, Any]) -> serve.Application:
             t.budget.max_tokens,
         )
     teacher = TeacherProxy.options(
-        name="Teacher", **_options(s.teacher, s.teacher.num_gpus or 0, s.shutdown_timeout_s, env)
+        name="Teacher", **_options(s.teacher, s.teacher.num_gpus or 0, s.shutdown_timeout_s)
     ).bind(t.model_dump(mode="json"), a.teacher_base_url, a.teacher_api_key_env, quota)
     # The live settings' starting values; a config file's RouterControl user_config wins.
     control = RouterControl.options(
@@ -810,5 +804,5 @@ def app(args: dict[str, Any]) -> serve.Application:
         graceful_shutdown_wait_loop_s=0.25,
         graceful_shutdown_timeout_s=s.shutdown_timeout_s,
     ).bind(s.model_dump(mode="json"))
-    router = _options(s.router, s.router.num_gpus or 0, s.shutdown_timeout_s, env)
+    router = _options(s.router, s.router.num_gpus or 0, s.shutdown_timeout_s)
     return Router.options(**router).bind(a.model_dump(mode="json"), handles, teacher, control)

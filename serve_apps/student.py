@@ -281,15 +281,12 @@ def error_of(err: dict[str, Any]) -> dict[str, Any]:
 def direct_app(args: dict[str, Any]) -> serve.Application:
     """The students of the run alone, without the router (``AppArgs`` like the router's;
     its first group of students): the baseline the router's overhead is measured against."""
-    from ray_pipeline.serving.args import AppArgs, replica_runtime_env
+    from ray_pipeline.serving.args import AppArgs
 
     a = AppArgs.model_validate(args)
     s = a.serve
     group = student_groups(a.students)[0]
     actor = {"num_cpus": s.student.num_cpus, "num_gpus": s.student.num_gpus}
-    env = replica_runtime_env(s, model=True)  # as the router's students run
-    if env:
-        actor["runtime_env"] = env
     return DirectStudent.options(
         ray_actor_options=actor,
         max_ongoing_requests=s.student.max_ongoing_requests,
