@@ -21,6 +21,7 @@ Prints one JSON object:
 
     python benchmarks/serve_load.py                       # a tiny student trained here
     python benchmarks/serve_load.py --checkpoint runs/<id>/train/checkpoint_<step>
+    python benchmarks/serve_load.py --no-throughput-optimized   # Serve's default replicas
 
 Every load phase is bounded in requests (``--requests``) and time (``--max-seconds``).
 """
@@ -48,6 +49,7 @@ from ray_pipeline.data import synthetic  # noqa: E402
 from ray_pipeline.data.prompts import Prompt  # noqa: E402
 
 ADMIN_ENV = "DISTILL_BENCH_ADMIN_KEY"
+SERVE_SETTINGS: dict[str, Any] = {}  # serve settings of every app (command-line options)
 PROMPT = Prompt(synthetic.PROMPT)
 MAX_TOKENS = 8
 
@@ -117,6 +119,7 @@ def app_args(checkpoint: str, teacher_url: str, log_dir: Path, **serve: Any) -> 
         "student": {"num_cpus": 0.1, "num_gpus": 0.0, "max_ongoing_requests": 64},
         "request_log": {"dir": str(log_dir), "flush_s": 1.0},
         "seed": 0,
+        **SERVE_SETTINGS,
         **serve,
     }
     args = AppArgs(
@@ -275,13 +278,22 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=60.0, help="Longest load phase.")
     ap.add_argument("--step-seconds", type=float, default=3.0, help="Re-weighting step length.")
     ap.add_argument("--long-tokens", type=int, default=32, help="Answer length, batching ratio.")
+    ap.add_argument(
+        "--throughput-optimized",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve.throughput_optimized of every app (default: the setting's default).",
+    )
     args = ap.parse_args()
+    if args.throughput_optimized is not None:
+        SERVE_SETTINGS["throughput_optimized"] = args.throughput_optimized
 
     import logging
 
     import ray
     from ray import serve
 
+    from ray_pipeline.serving.args import AppArgs
     from ray_pipeline.serving.stage import deploy_config, free_port, serve_config
     from ray_pipeline.teacher.sim_server import simulator_process
 
@@ -374,6 +386,9 @@ def main() -> None:
                 "shadow_overhead_p50_ms": round(
                     statistics.median(sh["/shadow"]) - statistics.median(sh["/router"]), 2
                 ),
+                "throughput_optimized": AppArgs.model_validate(
+                    config["applications"][0]["args"]
+                ).serve.throughput_optimized,
                 "clients": c,
                 "load_average_1m": round(os.getloadavg()[0], 1),
                 "latency_requests": args.latency_requests,

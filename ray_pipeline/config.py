@@ -1648,6 +1648,17 @@ class ServeSection(Section):
     shutdown_timeout_s: float = Field(
         2.0, gt=0, description="How long a stopping replica waits for requests in flight."
     )
+    throughput_optimized: bool = Field(
+        True,
+        description="Run the app's replicas in Ray Serve's throughput-optimized mode "
+        "(RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the app's runtime_env, which Serve merges into "
+        "every deployment's: add your own env_vars beside it in the Serve config file): calls "
+        "between replicas over direct gRPC, request-path logs buffered, garbage collector "
+        "frozen after start. User code keeps its own thread, so a student's forward pass "
+        "never blocks its replica's loop; direct ingress stays off (it serves HAProxy and "
+        "would hold a stopping router 30 s). Applies to the replicas; a cluster's proxies "
+        "follow their nodes' own environment. False: Serve's defaults.",
+    )
     seed: int | None = Field(None, description="Seed of the traffic split (default run.seed).")
     smoke_requests: int = Field(20, ge=0, description="Requests sent through the router.")
     keep_running: bool = Field(False, description="Keep serving after the run (Ctrl-C stops).")

@@ -254,10 +254,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     )
 
 
-async def _wait(response: Any) -> Any:
-    return await response  # a DeploymentResponse is awaitable but not a coroutine
-
-
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class Router:
@@ -272,9 +268,12 @@ class Router:
         self.serve = a.serve
         # Calls to the targets go over Serve's inter-deployment gRPC (by value) rather than
         # as Ray actor calls: on 2 CPUs a third less router overhead and a seventh more
-        # requests/s (benchmarks/serve_load.py).
-        self.students = {n: h.options(_by_reference=False) for n, h in students.items()}
-        self.teacher = teacher.options(_by_reference=False)
+        # requests/s (benchmarks/serve_load.py). One handle per target's `answer`, made once
+        # (`handle.answer` makes a new handle on every call).
+        self.students = {
+            n: h.options(method_name="answer", _by_reference=False) for n, h in students.items()
+        }
+        self.teacher = teacher.options(method_name="answer", _by_reference=False)
         self.control = control
         self.targets = [*a.serve.students, TEACHER_TARGET]
         self.live = live_settings(a.serve)
@@ -423,13 +422,15 @@ class Router:
     ) -> Outcome:
         started = time.perf_counter()
         if target == TEACHER_TARGET:
-            response = self.teacher.answer.remote(messages, max_tokens, stop)
+            response = self.teacher.remote(messages, max_tokens, stop)
         else:
-            response = self.students[target].answer.remote(target, messages, max_tokens)
+            response = self.students[target].remote(target, messages, max_tokens)
         out = Outcome(target)
         try:
-            result = await asyncio.wait_for(_wait(response), timeout_s)
-        except asyncio.TimeoutError:
+            # A timeout scope, not wait_for: no extra task per call.
+            async with asyncio.timeout(timeout_s):
+                result = await response
+        except TimeoutError:
             response.cancel()
             out.error = ApiError(
                 504,
@@ -769,18 +770,23 @@ def app(args: dict[str, Any]) -> serve.Application:
     settings and the router in front."""
     a = AppArgs.model_validate(args)
     s = a.serve
+    # Deployments of no resources of their own (the live settings, the quota).
+    light = {"num_cpus": 0}
     handles: dict[str, Any] = {}
     for group in student_groups(a.students):
         first = next(iter(group))
         node = StudentDeployment.options(
-            name=f"Student-{first}", **_options(s.student, s.student.num_gpus, s.shutdown_timeout_s)
+            name=f"Student-{first}",
+            **_options(s.student, s.student.num_gpus, s.shutdown_timeout_s),
         ).bind(group, s.batching.max_batch_size, s.batching.wait_timeout_s, s.max_new_tokens)
         handles.update({name: node for name in group})
     t = a.teacher
     quota = None
     if t.rate_limit.rpm or t.rate_limit.tpm or t.budget.max_cost_usd or t.budget.max_tokens:
         quota = TeacherQuota.options(
-            graceful_shutdown_wait_loop_s=0.25, graceful_shutdown_timeout_s=s.shutdown_timeout_s
+            ray_actor_options=light,
+            graceful_shutdown_wait_loop_s=0.25,
+            graceful_shutdown_timeout_s=s.shutdown_timeout_s,
         ).bind(
             a.teacher_base_url.rstrip("/"),
             t.rate_limit.rpm,
@@ -794,9 +800,9 @@ def app(args: dict[str, Any]) -> serve.Application:
     # The live settings' starting values; a config file's RouterControl user_config wins.
     control = RouterControl.options(
         user_config=live_settings(s),
+        ray_actor_options=light,
         graceful_shutdown_wait_loop_s=0.25,
         graceful_shutdown_timeout_s=s.shutdown_timeout_s,
     ).bind(s.model_dump(mode="json"))
-    return Router.options(**_options(s.router, s.router.num_gpus or 0, s.shutdown_timeout_s)).bind(
-        a.model_dump(mode="json"), handles, teacher, control
-    )
+    router = _options(s.router, s.router.num_gpus or 0, s.shutdown_timeout_s)
+    return Router.options(**router).bind(a.model_dump(mode="json"), handles, teacher, control)

@@ -23,7 +23,7 @@ from ray_pipeline.config import ServeSection
 from ray_pipeline.data.prompts import Prompt, last_user_content
 from ray_pipeline.data.test_sets import test_set_rows
 from ray_pipeline.run_state import Run
-from ray_pipeline.serving.args import AppArgs
+from ray_pipeline.serving.args import AppArgs, app_runtime_env
 from ray_pipeline.teacher.caller import TeacherEndpoint
 
 log = logging.getLogger("distill.serve")
@@ -187,7 +187,7 @@ def serve_config(
                 "name": name,
                 "route_prefix": route_prefix,
                 "import_path": import_path,
-                "runtime_env": {},
+                "runtime_env": app_runtime_env(sc),
                 "args": args,
             }
         ],

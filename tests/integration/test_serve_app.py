@@ -135,9 +135,10 @@ def served(ray_local, e2e_run, tmp_path_factory):
         one = serve_config(app_args(run, teacher_url, None), name, f"/{name}")
         # The keys reach the replicas through the app's environment (a test's shortcut: a
         # real deployment sets them on the cluster, never in a config Serve stores).
-        one["applications"][0]["runtime_env"] = {
-            "env_vars": {"DISTILL_TEST_SERVE_KEY": KEY, "DISTILL_TEST_ADMIN_KEY": ADMIN}
-        }
+        # Added beside the app's own (serve.throughput_optimized), as an operator would.
+        one["applications"][0]["runtime_env"].setdefault("env_vars", {}).update(
+            {"DISTILL_TEST_SERVE_KEY": KEY, "DISTILL_TEST_ADMIN_KEY": ADMIN}
+        )
         if config is None:
             config = one
         else:
@@ -505,3 +506,20 @@ def test_prometheus_metrics_are_exported(served):
         time.sleep(1)
     for w in wanted:
         assert w in text, w
+
+
+def test_replicas_run_throughput_optimized_beside_the_apps_own_environment(served):
+    """serve.throughput_optimized (on by default) reaches every deployment's runtime_env
+    beside the operator's own env_vars (which reach the replicas: the other tests pass
+    auth); user code keeps its own thread."""
+    from ray.serve.context import _get_global_client
+
+    from ray_pipeline.serving.args import THROUGHPUT_OPTIMIZED_ENV
+
+    details = _get_global_client().get_serve_details()
+    deployments = details["applications"]["canary"]["deployments"]
+    assert {"Router", "RouterControl", "Teacher", "Student-student"} <= set(deployments)
+    for name, d in deployments.items():
+        env = d["deployment_config"]["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert env["DISTILL_TEST_SERVE_KEY"] == KEY, name
+        assert env.items() >= THROUGHPUT_OPTIMIZED_ENV.items(), name
