@@ -291,6 +291,8 @@ def test_frozen_test_sets_refuse_an_overlapping_training_set(ray_local, tmp_path
         run_stages(dropped, ["curate"], "two")
 
 
+# Out of the default run (under 15 min): loads the real MiniLM weights.
+@pytest.mark.slow
 def test_semantic_dedup_with_the_minilm_package(ray_local, tmp_path):
     """Sentence embeddings of the offline MiniLM (by package path) find reworded copies
     that share few characters; unrelated comments stay."""

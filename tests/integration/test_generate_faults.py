@@ -140,6 +140,8 @@ def _storm_run(tmp_path, url, run_id, storm_share):
     return sim(url), load_report(run.dir)["generate"]
 
 
+# Out of the default run (under 15 min): a comparison of two timed runs: sensitive to machine load.
+@pytest.mark.slow
 def test_a_429_storm_slows_the_whole_pool(ray_local, simulator, tmp_path):
     """The server allows 40 requests/s per key; 32 requests in flight that only retry one by
     one keep hammering it, a pool that pauses and caps its rate on a storm does not. (300 rows:
@@ -152,6 +154,8 @@ def test_a_429_storm_slows_the_whole_pool(ray_local, simulator, tmp_path):
     assert pooled["rate_limited"] * 2 < naive["rate_limited"], (pooled, naive)
 
 
+# Out of the default run (under 15 min): budget stops are also unit tests of the quota.
+@pytest.mark.slow
 def test_budget_stop_leaves_a_valid_partial_dataset_that_a_rerun_completes(
     ray_local, simulator, tmp_path
 ):
@@ -183,6 +187,8 @@ def test_budget_stop_leaves_a_valid_partial_dataset_that_a_rerun_completes(
     }
 
 
+# Out of the default run (under 15 min): kills and restarts a whole generate run.
+@pytest.mark.slow
 def test_killed_run_resumes_repeating_at_most_1_percent_of_completed_calls(simulator, tmp_path):
     url = simulator(rule="quickstart", latency_ms=50)
     logs = tmp_path / "logs.jsonl"

