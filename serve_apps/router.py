@@ -770,14 +770,14 @@ def app(args: dict[str, Any]) -> serve.Application:
     settings and the router in front."""
     a = AppArgs.model_validate(args)
     s = a.serve
-    # Deployments of no resources of their own (the live settings, the quota).
+    # The live settings and the quota hold a few numbers: no CPU reserved for them (Serve's
+    # default is one each, which on a small node can leave the students none).
     light = {"num_cpus": 0}
     handles: dict[str, Any] = {}
     for group in student_groups(a.students):
         first = next(iter(group))
         node = StudentDeployment.options(
-            name=f"Student-{first}",
-            **_options(s.student, s.student.num_gpus, s.shutdown_timeout_s),
+            name=f"Student-{first}", **_options(s.student, s.student.num_gpus, s.shutdown_timeout_s)
         ).bind(group, s.batching.max_batch_size, s.batching.wait_timeout_s, s.max_new_tokens)
         handles.update({name: node for name in group})
     t = a.teacher
@@ -804,5 +804,6 @@ def app(args: dict[str, Any]) -> serve.Application:
         graceful_shutdown_wait_loop_s=0.25,
         graceful_shutdown_timeout_s=s.shutdown_timeout_s,
     ).bind(s.model_dump(mode="json"))
-    router = _options(s.router, s.router.num_gpus or 0, s.shutdown_timeout_s)
-    return Router.options(**router).bind(a.model_dump(mode="json"), handles, teacher, control)
+    return Router.options(**_options(s.router, s.router.num_gpus or 0, s.shutdown_timeout_s)).bind(
+        a.model_dump(mode="json"), handles, teacher, control
+    )

@@ -286,9 +286,8 @@ def direct_app(args: dict[str, Any]) -> serve.Application:
     a = AppArgs.model_validate(args)
     s = a.serve
     group = student_groups(a.students)[0]
-    actor = {"num_cpus": s.student.num_cpus, "num_gpus": s.student.num_gpus}
     return DirectStudent.options(
-        ray_actor_options=actor,
+        ray_actor_options={"num_cpus": s.student.num_cpus, "num_gpus": s.student.num_gpus},
         max_ongoing_requests=s.student.max_ongoing_requests,
         graceful_shutdown_timeout_s=s.shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=min(0.25, s.shutdown_timeout_s),
