@@ -1292,6 +1292,8 @@ class AshaSection(Section):
 
 
 SWEEP_PARAMS = ("learning_rate", "batch_size", "epochs", "lora_r", "lora_alpha")
+# Each sweep metric and which way is better (Tune's mode).
+SWEEP_METRIC_MODES: dict[str, Literal["min", "max"]] = {"val_loss": "min", "val_accuracy": "max"}
 INT_SWEEP_PARAMS = ("batch_size", "epochs", "lora_r", "lora_alpha")
 
 
@@ -1330,10 +1332,13 @@ class SweepSection(Section):
         "power law to the metric against the training rows and states the gain from doubling "
         "the data.",
     )
-    metric: Literal["val_loss"] = Field(
+    metric: Literal["val_loss", "val_accuracy"] = Field(
         "val_loss",
-        description="Validation metric that picks the best trial (and drives ASHA); never a "
-        "test set.",
+        description="Validation metric that picks the best trial (and drives ASHA, the "
+        "ablation curve and the plots); never a test set. val_loss (lower is better): the loss "
+        "per target token on the validation rows. val_accuracy (higher is better, classifier "
+        "students of label tasks): the share of validation rows whose argmax class is the row's "
+        "label, computed in the same validation pass as val_loss.",
     )
     scheduler: Literal["fifo", "asha"] = Field(
         "fifo",
@@ -1408,6 +1413,11 @@ class SweepSection(Section):
     def swept(self) -> list[str]:
         """The hyperparameters this sweep varies (lists and ranges), in a fixed order."""
         return [n for n in SWEEP_PARAMS if getattr(self, n) is not None or n in self.ranges]
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        """Whether `metric` is better low (a loss) or high (an accuracy)."""
+        return SWEEP_METRIC_MODES[self.metric]
 
 
 # ---------------------------------------------------------------------------------- evaluate
@@ -1808,6 +1818,32 @@ class DistillConfig(Section):
                 "'tiny' student's tokenizer is built from the curated data later: use the "
                 "character limits (min_chars, max_chars) or a pretrained train.student.model"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_metric_is_computable(self) -> DistillConfig:
+        """The sweep's metric must exist in every trial's validation pass."""
+        sweep = self.sweep
+        if sweep is None:
+            return self
+        if self.train.val_fraction == 0:
+            raise ValueError(
+                f"sweep.metric {sweep.metric!r} is computed on validation rows and "
+                "train.val_fraction is 0: set train.val_fraction > 0 (e.g. 0.1)"
+            )
+        if sweep.metric == "val_accuracy":
+            if self.task.generative:
+                raise ValueError(
+                    "sweep.metric 'val_accuracy' compares predicted labels, and task.kind is "
+                    "generative (no labels): use sweep.metric val_loss"
+                )
+            if self.train.student.kind != "classifier":
+                raise ValueError(
+                    "sweep.metric 'val_accuracy' needs train.student.kind classifier (its "
+                    "validation pass gives each row's class scores); a causal_lm student's "
+                    "validation pass scores the answer's tokens, not a label: use sweep.metric "
+                    "val_loss"
+                )
         return self
 
     def student_tokenizer(self) -> str | None:

@@ -158,9 +158,10 @@ def _sweep_section(sw: dict[str, Any]) -> list[str]:
             "",
         ]
     best = sw.get("best", {})
+    better = "higher" if sw.get("mode") == "max" else "lower"
     out += [
-        f"Best by {metric} on the validation rows: `{best.get('config')}` ({metric} "
-        f"{best.get(metric)}); checkpoint `{best.get('checkpoint')}`.",
+        f"Best by {metric} on the validation rows ({better} is better): `{best.get('config')}` "
+        f"({metric} {best.get(metric)}); checkpoint `{best.get('checkpoint')}`.",
         "",
     ]
     if sw.get("table"):
@@ -170,12 +171,13 @@ def _sweep_section(sw: dict[str, Any]) -> list[str]:
         ]
     fit = (sw.get("ablation") or {}).get("fit") or {}
     if fit.get("fitted"):
+        law = f"{fit['a']:.4g} * n^-{fit['b']:.3f} + {fit['c']:.4g}"
         out += [
-            f"Dataset-size ablation: {metric} = {fit['a']:.4g} * n^-{fit['b']:.3f} + "
-            f"{fit['c']:.4g} over training rows n ({fit['form']}). Doubling the training set "
-            f"from {fit['rows']} to {2 * fit['rows']} rows is estimated to take {metric} from "
-            f"{fit['at_rows']:.4f} to {fit['at_double_rows']:.4f} (a gain of "
-            f"{fit['gain_from_doubling']:.4f}).",
+            f"Dataset-size ablation: {metric} = "
+            f"{f'1 - ({law})' if fit.get('mode') == 'max' else law} over training rows n "
+            f"({fit['form']}). Doubling the training set from {fit['rows']} to "
+            f"{2 * fit['rows']} rows is estimated to take {metric} from {fit['at_rows']:.4f} to "
+            f"{fit['at_double_rows']:.4f} (a gain of {fit['gain_from_doubling']:.4f}).",
             "",
         ]
     elif fit:

@@ -69,12 +69,22 @@ def trial_train_section(base: TrainSection, params: dict[str, Any]) -> TrainSect
     return TrainSection.model_validate(data)
 
 
-def pick_best(trials: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """The trial with the lowest `metric` (a validation loss); ties: the first."""
+def better(a: float, b: float, mode: str) -> bool:
+    """Whether metric value `a` beats `b` (mode 'min': lower is better, 'max': higher)."""
+    return a < b if mode == "min" else a > b
+
+
+def pick_best(trials: list[dict[str, Any]], metric: str, mode: str = "min") -> dict[str, Any]:
+    """The trial with the best `metric` (lowest for mode 'min', a loss; highest for 'max', an
+    accuracy); ties: the first."""
     scored = [t for t in trials if t.get(metric) is not None]
     if not scored:
         raise RuntimeError(f"no sweep trial reported {metric}")
-    return min(scored, key=lambda t: t[metric])
+    best = scored[0]
+    for t in scored[1:]:
+        if better(t[metric], best[metric], mode):
+            best = t
+    return best
 
 
 TABLE_COLUMNS = ["train_rows", "epochs_run", "stopped_early", "train_loss", "val_loss"]
@@ -83,11 +93,14 @@ TABLE_COLUMNS = ["train_rows", "epochs_run", "stopped_early", "train_loss", "val
 def write_tables(
     trials: list[dict[str, Any]], keys: list[str], csv_path: Path, md_path: Path
 ) -> tuple[Path, Path]:
-    """Every trial, one row each (its swept values, rows, epochs, losses, checkpoint), as CSV
-    and as a Markdown table."""
-    header = ["trial", *keys, *TABLE_COLUMNS, "checkpoint"]
+    """Every trial, one row each (its swept values, rows, epochs, losses, val_accuracy when
+    the trials reported it, checkpoint), as CSV and as a Markdown table."""
+    columns = TABLE_COLUMNS + (
+        ["val_accuracy"] if any(t.get("val_accuracy") is not None for t in trials) else []
+    )
+    header = ["trial", *keys, *columns, "checkpoint"]
     rows = [
-        [t["trial"], *(t["config"].get(k) for k in keys), *(t.get(c) for c in TABLE_COLUMNS)]
+        [t["trial"], *(t["config"].get(k) for k in keys), *(t.get(c) for c in columns)]
         + [t.get("checkpoint")]
         for t in trials
     ]
@@ -112,12 +125,23 @@ def saturating_power_law(n: Any, a: float, b: float, c: float) -> Any:
     return a * n ** (-b) + c
 
 
-def fit_size_curve(rows: list[int], values: list[float]) -> dict[str, Any]:
+def fitted_value(fit: dict[str, Any], n: float) -> float:
+    """The fitted curve's metric at `n` training rows (for a 'max' metric, an accuracy, the
+    law is fitted to its complement, the error rate: value = 1 - law)."""
+    law = float(saturating_power_law(n, fit["a"], fit["b"], fit["c"]))
+    return 1.0 - law if fit.get("mode") == "max" else law
+
+
+def fit_size_curve(rows: list[int], values: list[float], mode: str = "min") -> dict[str, Any]:
     """Fit ``saturating_power_law`` to (training rows, metric) points (least squares, a, b,
-    c >= 0) and estimate what doubling the largest training set would gain. With two points
-    only the pure power law (c = 0) is fitted; with one, nothing."""
+    c >= 0) and estimate what doubling the largest training set would gain. For mode 'max'
+    (an accuracy, a share in [0, 1]) the law is fitted to 1 - value, the error rate, which
+    falls with more rows like a loss. With two points only the pure power law (c = 0) is
+    fitted; with one, nothing. gain_from_doubling is positive when more data helps."""
     from scipy.optimize import OptimizeWarning, curve_fit
 
+    if mode == "max":
+        values = [1.0 - v for v in values]
     points = sorted(zip(rows, values, strict=True))
     if len({n for n, _ in points}) < 2:
         return {"fitted": False, "why": "needs at least two dataset sizes"}
@@ -150,22 +174,20 @@ def fit_size_curve(rows: list[int], values: list[float]) -> dict[str, Any]:
             return {"fitted": False, "why": f"the fit did not converge: {e}"}
         form = "a * n^-b + c"
     a, b, c = (float(p) for p in params)
-    at_max = float(saturating_power_law(n_max, a, b, c))
-    at_double = float(saturating_power_law(2 * n_max, a, b, c))
+    fit = {"fitted": True, "mode": mode, "a": a, "b": b, "c": c, "rows": int(n_max)}
+    at_max, at_double = fitted_value(fit, n_max), fitted_value(fit, 2 * n_max)
     return {
-        "fitted": True,
-        "form": form,
-        "a": a,
-        "b": b,
-        "c": c,
-        "rows": int(n_max),
+        **fit,
+        "form": f"1 - ({form})" if mode == "max" else form,
         "at_rows": at_max,
         "at_double_rows": at_double,
-        "gain_from_doubling": at_max - at_double,
+        "gain_from_doubling": at_double - at_max if mode == "max" else at_max - at_double,
     }
 
 
-def ablation_points(trials: list[dict[str, Any]], metric: str) -> list[tuple[float, int, float]]:
+def ablation_points(
+    trials: list[dict[str, Any]], metric: str, mode: str = "min"
+) -> list[tuple[float, int, float]]:
     """(fraction, training rows, best metric of the trials at that fraction) per fraction:
     the dataset-size curve, each size at its best settings."""
     best: dict[float, tuple[int, float]] = {}
@@ -174,6 +196,6 @@ def ablation_points(trials: list[dict[str, Any]], metric: str) -> list[tuple[flo
         if value is None:
             continue
         f = t["config"]["fraction"]
-        if f not in best or value < best[f][1]:
+        if f not in best or better(value, best[f][1], mode):
             best[f] = (t["train_rows"], value)
     return [(f, rows, v) for f, (rows, v) in sorted(best.items())]

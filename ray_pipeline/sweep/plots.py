@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ray_pipeline.sweep.analysis import BASELINE, saturating_power_law
+from ray_pipeline.sweep.analysis import BASELINE, better, fitted_value
 
 
 def _pyplot():
@@ -37,6 +37,7 @@ def plot_fraction_ablation(
     fit: dict[str, Any],
     path: str | Path,
     metric: str = "val_loss",
+    mode: str = "min",
 ) -> Path:
     """`metric` against training rows (each size's best trial), the fitted curve, and the
     point the fit expects at twice the largest training set."""
@@ -50,16 +51,22 @@ def plot_fraction_ablation(
         xs = [lo + (hi - lo) * i / 100 for i in range(101)]
         ax.plot(
             xs,
-            [saturating_power_law(x, fit["a"], fit["b"], fit["c"]) for x in xs],
+            [fitted_value(fit, x) for x in xs],
             "-",
             label=f"fit {fit['form']}: b={fit['b']:.2f}, c={fit['c']:.3g}",
         )
         ax.plot([hi], [fit["at_double_rows"]], "x", markersize=9, label="doubled data (fit)")
-    return _finish(plt, fig, ax, "training rows", metric, "dataset-size ablation", path)
+    better_way = "higher" if mode == "max" else "lower"
+    title = f"dataset-size ablation ({better_way} is better)"
+    return _finish(plt, fig, ax, "training rows", metric, title, path)
 
 
 def plot_parameter(
-    trials: list[dict[str, Any]], param: str, path: str | Path, metric: str = "val_loss"
+    trials: list[dict[str, Any]],
+    param: str,
+    path: str | Path,
+    metric: str = "val_loss",
+    mode: str = "min",
 ) -> Path:
     """`metric` against one parameter's values, a line per dataset fraction. In a
     one-at-a-time sweep only the trials that vary this parameter and the baseline count."""
@@ -71,7 +78,8 @@ def plot_parameter(
             continue
         x = cfg[param]
         best = lines[cfg["fraction"]].get(x)
-        lines[cfg["fraction"]][x] = t[metric] if best is None else min(best, t[metric])
+        if best is None or better(t[metric], best, mode):
+            lines[cfg["fraction"]][x] = t[metric]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for fraction, values in sorted(lines.items()):
         xs = sorted(values)

@@ -57,14 +57,11 @@ class SweepInterrupted(RuntimeError):
 
 
 def check_sweep(sweep: SweepSection, train: TrainSection) -> None:
-    """Errors that would otherwise surface in every trial."""
+    """Errors that would otherwise surface in every trial (the metric's own checks are the
+    config's: ``DistillConfig._sweep_metric_is_computable``)."""
     if train.method != "lora" and ("lora_r" in sweep.swept or "lora_alpha" in sweep.swept):
         raise ValueError(
             f"sweep.lora_r / sweep.lora_alpha need train.method 'lora', got {train.method!r}"
-        )
-    if sweep.metric == "val_loss" and train.val_fraction == 0:
-        raise ValueError(
-            "sweep.metric 'val_loss' needs validation rows: set train.val_fraction > 0"
         )
     if sweep.scheduler == "asha" and train.checkpoint_every_steps:
         raise ValueError(
@@ -218,12 +215,14 @@ def finished_trials(tune_dir: Path) -> int:
 
 def _tune_config(sweep: SweepSection, train: TrainSection, seed: int) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
+
+    from ray_pipeline.sweep.scheduler import TIME_ATTR, ResumableASHA
 
     scheduler = None
     if sweep.scheduler == "asha":
-        # ASHA's rungs reach up to the longest trial (one Tune iteration per epoch).
+        # ASHA's rungs reach up to the longest trial, in finished epochs. Tuner.restore keeps
+        # this scheduler (tuner.pkl) and ResumableASHA refills its rungs from the results.
         max_epochs = int(
             max(sweep.epochs)
             if sweep.epochs
@@ -231,15 +230,15 @@ def _tune_config(sweep: SweepSection, train: TrainSection, seed: int) -> Any:
             if "epochs" in sweep.ranges
             else train.epochs
         )
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
+        scheduler = ResumableASHA(
+            time_attr=TIME_ATTR,
             grace_period=sweep.asha.grace_period,
             reduction_factor=sweep.asha.reduction_factor,
             max_t=max_epochs,
         )
     return tune.TuneConfig(
         metric=sweep.metric,
-        mode="min",
+        mode=sweep.mode,
         scheduler=scheduler,
         num_samples=sweep.num_samples,
         # Seeded draws: a random search is the same search in every run of one seed. (Tune
@@ -262,6 +261,7 @@ def collect_trials(grid: Any, base: TrainSection) -> list[dict[str, Any]]:
                 "trial": m.get("trial_id") or Path(result.path).name,
                 "config": params,
                 "val_loss": m.get("val_loss"),
+                "val_accuracy": m.get("val_accuracy"),
                 "train_loss": m.get("train_loss"),
                 "train_rows": m.get("train_rows"),
                 "epochs_run": m.get("epochs"),
@@ -359,10 +359,10 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
     _write_state(out, key, finished=True)
     trials = collect_trials(grid, base)
     keys = [*sweep.swept, "fraction"] + (["varied"] if sweep.search == "one_at_a_time" else [])
-    best = pick_best(trials, sweep.metric)
+    best = pick_best(trials, sweep.metric, sweep.mode)
     best["threshold"] = set_threshold(best["checkpoint"], prepared.val_examples, run.cfg)
-    points = ablation_points(trials, sweep.metric)
-    fit = fit_size_curve([p[1] for p in points], [p[2] for p in points])
+    points = ablation_points(trials, sweep.metric, sweep.mode)
+    fit = fit_size_curve([p[1] for p in points], [p[2] for p in points], sweep.mode)
     csv_path, md_path = write_tables(trials, keys, out / "trials.csv", out / "trials.md")
     section = {
         "search": sweep.search,
@@ -372,15 +372,18 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
         "trials": trials,
         "best": best,
         "metric": sweep.metric,
+        "mode": sweep.mode,
         "table": str(csv_path),
         "table_md": str(md_path),
         "ablation": {
             "points": [{"fraction": f, "train_rows": n, sweep.metric: v} for f, n, v in points],
             "fit": fit,
         },
-        "plot": str(plot_fraction_ablation(points, fit, out / "ablation.png", sweep.metric)),
+        "plot": str(
+            plot_fraction_ablation(points, fit, out / "ablation.png", sweep.metric, sweep.mode)
+        ),
         "param_plots": {
-            p: str(plot_parameter(trials, p, out / f"param_{p}.png", sweep.metric))
+            p: str(plot_parameter(trials, p, out / f"param_{p}.png", sweep.metric, sweep.mode))
             for p in sweep.swept
         },
         "mlflow": (sweep.mlflow_tracking_uri or (out / "mlruns").absolute().as_uri())
@@ -390,10 +393,11 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 2),
     }
     log.info(
-        "sweep: best %s with %s %.4f; checkpoint %s",
+        "sweep: best %s with %s %.4f (%s is better); checkpoint %s",
         best["config"],
         sweep.metric,
         best[sweep.metric],
+        "higher" if sweep.mode == "max" else "lower",
         best["checkpoint"],
     )
     return section

@@ -263,8 +263,10 @@ class DeepSpeedEngine:
             self.grad_norm = None if norm is None else float(norm)
         return loss.detach(), stepped
 
-    def eval_loss(self, batch: dict[str, Any]) -> Any:
-        return self.engine(**model_inputs(batch)).loss.detach()
+    def eval_step(self, batch: dict[str, Any]) -> tuple[Any, Any]:
+        """(loss, logits) of a validation batch."""
+        out = self.engine(**model_inputs(batch))
+        return out.loss.detach(), out.logits.detach()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -355,9 +357,11 @@ class TorchEngine:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), boundary
 
-    def eval_loss(self, batch: dict[str, Any]) -> Any:
+    def eval_step(self, batch: dict[str, Any]) -> tuple[Any, Any]:
+        """(loss, logits) of a validation batch."""
         with self._autocast():
-            return self.model(**model_inputs(batch)).loss.detach()
+            out = self.model(**model_inputs(batch))
+        return out.loss.detach(), out.logits.detach()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -514,20 +518,46 @@ def _batches(
 
 
 # ---------------------------------------------------------------------- train / eval
-def _evaluate(engine: DeepSpeedEngine | TorchEngine, shard: Any, job: Job) -> float | None:
-    """Validation loss per target token over every worker's shard (None without val rows)."""
+def correct_classes(logits: Any, labels: Any) -> Any:
+    """How many rows' highest-scoring class (argmax of a classifier's [rows, classes] logits)
+    is the row's label (class index), as a 0-d tensor on the logits' device (read back once
+    per validation pass, not per batch)."""
+    return (logits.argmax(dim=-1) == labels).sum()
+
+
+def _evaluate(
+    engine: DeepSpeedEngine | TorchEngine, shard: Any | None, job: Job
+) -> dict[str, float | None]:
+    """Validation metrics over every worker's shard, in one pass: val_loss (per target token)
+    and, for a classifier student, val_accuracy (the share of rows whose argmax class is their
+    label). None where there are no validation rows."""
     import torch
 
+    classifier = job.train.student.kind == "classifier"
     engine.set_train(False)
     loss_sum, targets = torch.zeros((), dtype=torch.float64, device=engine.device), 0
+    correct, rows = torch.zeros((), dtype=torch.long, device=engine.device), 0
     with torch.no_grad():
-        batches = _batches(shard, job.train.batch_size, job.pad_id, engine.device)
+        batches = (
+            _batches(shard, job.train.batch_size, job.pad_id, engine.device)
+            if shard is not None
+            else []
+        )
         for batch, counts in batches:
-            loss_sum += engine.eval_loss(batch).double() * counts.targets
+            loss, logits = engine.eval_step(batch)
+            loss_sum += loss.double() * counts.targets
             targets += counts.targets
+            if classifier:
+                correct += correct_classes(logits, batch["labels"])
+                rows += counts.examples
     engine.set_train(True)
-    total_loss, total_targets = _all_reduce_sum([float(loss_sum), targets], engine.device)
-    return total_loss / total_targets if total_targets else None
+    total_loss, total_targets, total_correct, total_rows = _all_reduce_sum(
+        [float(loss_sum), targets, int(correct), rows], engine.device
+    )
+    metrics = {"val_loss": total_loss / total_targets if total_targets else None}
+    if classifier:
+        metrics["val_accuracy"] = total_correct / total_rows if total_rows else None
+    return metrics
 
 
 @dataclass
@@ -800,17 +830,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     while not done():
         metrics = _train_epoch(engine, train_shard, job, progress, rank, step_checkpoint)
-        metrics["val_loss"] = _evaluate(engine, val_shard, job) if val_shard else None
+        # val_loss always (None without validation rows); val_accuracy for a classifier.
+        metrics.update(_evaluate(engine, val_shard, job))
         metrics.update(tokens=progress.tokens, target_tokens=progress.target_tokens)
         progress.history.append(metrics)
         progress.epoch += 1
         progress.micro_batches = 0
         if rank == 0:
             log.info(
-                "epoch %d done: train_loss %s val_loss %s steps %d examples/s %s",
+                "epoch %d done: train_loss %s val_loss %s%s steps %d examples/s %s",
                 metrics["epoch"],
                 "n/a" if metrics["train_loss"] is None else f"{metrics['train_loss']:.4f}",
                 "n/a" if metrics["val_loss"] is None else f"{metrics['val_loss']:.4f}",
+                f" val_accuracy {metrics['val_accuracy']:.4f}"
+                if metrics.get("val_accuracy") is not None
+                else "",
                 metrics["steps"],
                 metrics["examples_per_s"],
             )

@@ -170,3 +170,88 @@ def test_trial_count_of_each_search():
     assert trial_count(oat, TRAIN) == 2 * 2  # baseline (1e-3) and 3e-3, twice
     rnd = SweepSection(search="random", batch_size=[8, 16], num_samples=3, fractions=[0.5, 1.0])
     assert trial_count(rnd, TRAIN) == 6
+
+
+def test_the_sweep_metric_must_be_computable_on_validation_rows():
+    base = {
+        "task": {"prompt": {"template": "{input}"}, "labels": ["0", "1"]},
+        "teacher": {"simulator": {"enabled": True}},
+        "data": {"logs": [{"path": "x.jsonl"}]},
+    }
+    classifier = {"student": {"kind": "classifier"}}
+    cfg = load_config(data={**base, "train": classifier, "sweep": {"metric": "val_accuracy"}})
+    assert (cfg.sweep.metric, cfg.sweep.mode) == ("val_accuracy", "max")
+    assert SweepSection().mode == "min"  # val_loss
+    with pytest.raises(ConfigError, match="sweep.metric 'val_accuracy' needs train.student.kind"):
+        load_config(data={**base, "sweep": {"metric": "val_accuracy"}})  # causal_lm student
+    generative = {"prompt": {"template": "{input}"}, "kind": "generative"}
+    with pytest.raises(ConfigError, match="task.kind is generative"):
+        load_config(data={**base, "task": generative, "sweep": {"metric": "val_accuracy"}})
+    with pytest.raises(ConfigError, match=r"sweep.metric 'val_loss' .* train.val_fraction is 0"):
+        load_config(data={**base, "train": {"val_fraction": 0.0}, "sweep": {}})
+    with pytest.raises(ConfigError, match="sweep.metric: Input should be 'val_loss' or"):
+        load_config(data={**base, "sweep": {"metric": "test_accuracy"}})
+
+
+def test_accuracy_is_best_high_in_the_choice_the_ablation_and_the_plots(tmp_path):
+    from ray_pipeline.report import render_markdown
+    from ray_pipeline.sweep.analysis import fitted_value, pick_best
+    from ray_pipeline.sweep.plots import plot_fraction_ablation, plot_parameter
+
+    trials = [
+        {"trial": f"t{i}", "config": {"learning_rate": lr, "fraction": f}, "train_rows": rows,
+         "val_loss": 0.5, "val_accuracy": acc, "checkpoint": f"/c{i}"}
+        for i, (lr, f, rows, acc) in enumerate(
+            [(1e-3, 0.5, 50, 0.70), (3e-3, 0.5, 50, 0.80), (1e-3, 1.0, 100, 0.90), (3e-3, 1.0, 100, 0.85)]
+        )
+    ]  # fmt: skip
+    assert pick_best(trials, "val_accuracy", "max")["trial"] == "t2"
+    assert pick_best(trials, "val_accuracy", "min")["trial"] == "t0"
+    points = ablation_points(trials, "val_accuracy", "max")
+    assert points == [(0.5, 50, 0.80), (1.0, 100, 0.90)]  # each size at its best (highest)
+    # The law is fitted to the error rate 1 - accuracy: 0.2 at 50 rows, 0.1 at 100, so b = 1
+    # and doubling to 200 rows leaves 0.05 error: accuracy 0.95, a gain of +0.05.
+    fit = fit_size_curve([50, 100], [0.80, 0.90], "max")
+    assert fit["form"] == "1 - (a * n^-b (two sizes: no plateau fitted))"
+    assert fit["b"] == pytest.approx(1.0)
+    assert fit["at_rows"] == pytest.approx(0.90) and fit["at_double_rows"] == pytest.approx(0.95)
+    assert fit["gain_from_doubling"] == pytest.approx(0.05)
+    assert fitted_value(fit, 50) == pytest.approx(0.80)
+    rows = [100, 200, 400, 800]
+    three = fit_size_curve(rows, [1 - saturating_power_law(n, 5.0, 0.5, 0.05) for n in rows], "max")
+    assert three["c"] == pytest.approx(0.05, rel=1e-3)  # the accuracy levels off at 0.95
+    assert three["gain_from_doubling"] == pytest.approx(0.05178, abs=1e-4)
+    csv_path, md_path = write_tables(
+        trials, ["learning_rate"], tmp_path / "t.csv", tmp_path / "t.md"
+    )
+    assert md_path.read_text().splitlines()[0].endswith("| val_loss | val_accuracy |")
+    for png in (
+        plot_fraction_ablation(points, fit, tmp_path / "a.png", "val_accuracy", "max"),
+        plot_parameter(trials, "learning_rate", tmp_path / "lr.png", "val_accuracy", "max"),
+    ):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = render_markdown(
+        {
+            "sweep": {
+                "metric": "val_accuracy",
+                "mode": "max",
+                "trials": trials,
+                "best": trials[2],
+                "ablation": {"fit": fit},
+            }
+        }
+    )
+    assert "Best by val_accuracy on the validation rows (higher is better)" in md
+    assert "val_accuracy = 1 - (10 * n^-1.000 + 0) over training rows n" in md  # 10/n
+    assert "from 0.9000 to 0.9500 (a gain of 0.0500)" in md
+
+
+def test_correct_classes_counts_argmax_hits():
+    import torch
+
+    from ray_pipeline.train.loop import correct_classes
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.1, 0.3, 0.2], [0.0, 0.0, 5.0], [1.0, 2.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])  # argmax: 0, 1, 2, 1 -> rows 0 and 1 are right
+    assert int(correct_classes(logits, labels)) == 2
+    assert int(correct_classes(logits[:0], labels[:0])) == 0

@@ -73,10 +73,10 @@ def test_trial_section_overrides_only_swept_values():
 def test_sweep_checks_and_best():
     with pytest.raises(ValueError, match="need train.method 'lora'"):
         check_sweep(SweepSection(lora_r=[4]), TrainSection(method="full"))
-    with pytest.raises(ValueError, match="val_fraction > 0"):
-        check_sweep(SweepSection(), TrainSection(val_fraction=0.0))
     trials = [{"val_loss": 0.3}, {"val_loss": None}, {"val_loss": 0.1}]
     assert pick_best(trials, "val_loss") == {"val_loss": 0.1}
+    accuracies = [{"val_accuracy": 0.7}, {"val_accuracy": 0.9}, {"val_accuracy": 0.9}]
+    assert pick_best(accuracies, "val_accuracy", "max") is accuracies[1]  # ties: the first
     with pytest.raises(RuntimeError, match="no sweep trial reported"):
         pick_best([{"val_loss": None}], "val_loss")
 
