@@ -230,10 +230,7 @@ def evaluate(
         if path is not None and not path.is_file():
             typer.echo(f"{option} {path}: no such file", err=True)
             raise typer.Exit(EXIT_USAGE)
-    # Progress goes to stderr; stdout holds the result alone.
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    _setup_logging()  # progress goes to stderr; stdout holds the result alone
     try:
         result = evaluate_checkpoint(
             target, data, text_column, label_column, batch_size=batch_size,

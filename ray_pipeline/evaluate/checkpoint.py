@@ -30,6 +30,7 @@ from ray_pipeline.teacher.parse import ParseError, parse_answer, parse_structure
 log = logging.getLogger("distill.evaluate")
 
 LABEL, GENERATIVE = "label", "generative"
+NO_JUDGE = "no --judge CONFIG given: the LLM judge needs a teacher"
 
 
 def _records(
@@ -269,13 +270,8 @@ def _evaluate_generative(
     answers = [
         a.text for a in _answers(student, Prompt.from_task(task), texts, batch_size, max_new_tokens)
     ]
-    judged, judge_info = (
-        None,
-        {
-            "run": False,
-            "reason": "no --judge CONFIG given: the LLM judge needs a teacher",
-        },
-    )
+    judged: list[dict[str, Any]] | None = None
+    judge_info: dict[str, Any] = {"run": False, "reason": NO_JUDGE}
     if judge_cfg is not None:
         judged, judge_info = judge_answers(judge_cfg, judge, texts, refs, answers)
     metrics = generative_metrics(refs, answers, task, judged)
