@@ -30,8 +30,6 @@ from ray_pipeline.train.model import CAUSAL_LM, build_tiny_model
 from ray_pipeline.train.student import Student
 from ray_pipeline.train.tokenizer import build_tiny_tokenizer, tokenizer_corpus
 
-from .test_evaluate_checkpoint import build_classifier_checkpoint
-
 torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = Prompt(qa.PROMPT)
@@ -262,11 +260,14 @@ def test_generative_errors_name_what_and_where(checkpoint, tmp_path):
 
 
 def test_judge_refused_on_a_label_checkpoint(tmp_path):
-    clf = build_classifier_checkpoint(tmp_path / "clf")
+    # Refused from the checkpoint's metadata, before any model is loaded.
+    (tmp_path / "distill_checkpoint.json").write_text(
+        json.dumps({"kind": "classifier", "labels": ["0", "1"], "prompt": META["prompt"]})
+    )
     data = tmp_path / "d.jsonl"
     data.write_text('{"comment": "fine", "is_toxic": 0}\n')
     with pytest.raises(ValueError, match="is a label task's checkpoint; the LLM judge scores"):
-        evaluate_checkpoint(clf, data, "comment", "is_toxic", judge=_judge_config(tmp_path))
+        evaluate_checkpoint(tmp_path, data, "comment", "is_toxic", judge=_judge_config(tmp_path))
 
 
 def test_plain_output_says_the_judge_was_not_run(checkpoint, answers, tmp_path):
