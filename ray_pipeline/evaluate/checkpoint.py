@@ -85,8 +85,9 @@ def referenced_texts(
 ) -> tuple[list[str], list[str]]:
     """(texts, reference answers) of a file, each reference kept as written (a JSON value
     that is not a string as its JSON, as the evaluate stage's test sets keep it). With the
-    task's output schema every reference must be a JSON value satisfying it: a label column
-    (0/1) or prose there means the file is not of this task, an error naming the record."""
+    task's output schema every reference (the JSON value in it, else its text) must satisfy
+    it: a label column (0/1) or prose there means the file is not of this task, an error
+    naming the record."""
     import jsonschema
 
     validator = (
@@ -105,15 +106,13 @@ def referenced_texts(
             try:
                 parsed, _ = parse_structured(ref)
             except ParseError:
-                parsed, why = None, "no JSON value in it"
-            else:
-                error = jsonschema.exceptions.best_match(validator.iter_errors(parsed))
-                why = None if error is None else error.message
-            if why is not None:
+                parsed = ref.strip()  # compared as its text (``generative.reference_text``)
+            error = jsonschema.exceptions.best_match(validator.iter_errors(parsed))
+            if error is not None:
                 raise ValueError(
                     f"{path}: record {i}: reference {ref[:80]!r} in column "
                     f"{reference_column!r} does not satisfy the output schema of task "
-                    f"{task.name!r} ({why}); is this a file of that task's answers?"
+                    f"{task.name!r} ({error.message}); is this a file of that task's answers?"
                 )
         texts.append(text)
         refs.append(ref)

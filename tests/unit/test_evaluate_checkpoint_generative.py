@@ -22,7 +22,7 @@ import yaml
 from ray_pipeline.config import TinyModelSection
 from ray_pipeline.data import qa
 from ray_pipeline.data.prompts import Prompt
-from ray_pipeline.evaluate.checkpoint import evaluate_checkpoint
+from ray_pipeline.evaluate.checkpoint import checkpoint_task, evaluate_checkpoint, referenced_texts
 from ray_pipeline.teacher.simulator import overlap_judgement
 from ray_pipeline.train.checkpoint import save_checkpoint, update_meta
 from ray_pipeline.train.data import Example, encode_examples, pad_batch
@@ -67,10 +67,17 @@ def checkpoint(tmp_path_factory) -> str:
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(30):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    # One thread: a model this small trains ~8x slower when its threads fight other
+    # processes for 2 shared cores (measured: 20 s against 2.5 s at a load average of 9).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(30):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("gen") / "student"
     save_checkpoint(
         path,
@@ -206,10 +213,15 @@ def test_free_text_checkpoint_compares_the_text(checkpoint, answers, tmp_path):
     assert result["json_adherence"] is None and result["output_schema"] is None
 
 
-def test_generative_errors_name_what_and_where(checkpoint, tmp_path):
+def test_generative_errors_name_what_and_where(tmp_path):
     from typer.testing import CliRunner
 
     from ray_pipeline.cli import app
+
+    # Every error comes before any model is loaded: the checkpoint's metadata is enough.
+    checkpoint = tmp_path / "student"
+    checkpoint.mkdir()
+    (checkpoint / "distill_checkpoint.json").write_text(json.dumps(META))
 
     def fails(lines: list[dict], text: str, ref: str, match: str, **kw) -> None:
         path = tmp_path / "bad.jsonl"
@@ -231,8 +243,18 @@ def test_generative_errors_name_what_and_where(checkpoint, tmp_path):
         r"record 1: reference '0' in column 'ref' does not satisfy the output schema of task "
         r"'short-qa' \(0 is not of type 'object'\); is this a file of that task's answers\?",
     )
-    fails([ok, {"q": "a?", "ref": "Paris"}], "q", "ref", r"record 2: .*\(no JSON value in it\)")
+    fails(
+        [ok, {"q": "a?", "ref": "Paris"}],
+        "q",
+        "ref",
+        r"record 2: .*\('Paris' is not of type 'object'\)",
+    )
     fails([{"q": "a?", "ref": {"reply": "x"}}], "q", "ref", r"record 1: .*'answer' is a required")
+    # A task whose answer is a JSON string takes bare text as its reference.
+    words = tmp_path / "words.jsonl"
+    words.write_text('{"q": "a?", "ref": "Paris"}\n{"q": "b?", "ref": "\\"Rome\\""}\n')
+    task = checkpoint_task({**META, "output_schema": {"type": "string"}})
+    assert referenced_texts(words, "q", "ref", task) == (["a?", "b?"], ["Paris", '"Rome"'])
     # A --judge config whose judge is off.
     off = tmp_path / "off.yaml"
     cfg = yaml.safe_load(_judge_config(tmp_path).read_text())
@@ -252,7 +274,7 @@ def test_generative_errors_name_what_and_where(checkpoint, tmp_path):
     label_file.write_text("comment,is_toxic\nyou are kind,0\n")
     res = CliRunner().invoke(
         app,
-        ["evaluate", checkpoint, "--data", str(label_file), "--text-column", "comment",
+        ["evaluate", str(checkpoint), "--data", str(label_file), "--text-column", "comment",
          "--label-column", "is_toxic", "--json"],
     )  # fmt: skip
     assert res.exit_code == 2, res.output
