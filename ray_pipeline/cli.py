@@ -179,7 +179,12 @@ def evaluate(
     ] = None,
     text_column: Annotated[str, typer.Option(help="With --data: the input text column.")] = "text",
     label_column: Annotated[
-        str, typer.Option(help="With --data: the gold label column.")
+        str,
+        typer.Option(
+            help="With --data: the gold column: a label task's label, a generative task's "
+            "reference answer (a JSON value satisfying the checkpoint's output schema when it "
+            "has one, else text)."
+        ),
     ] = "label",
     json_output: Annotated[
         bool,
@@ -187,13 +192,26 @@ def evaluate(
     ] = False,
     limit: Annotated[int | None, typer.Option(help="With --data: only the first N rows.")] = None,
     batch_size: Annotated[int, typer.Option(help="With --data: rows per forward pass.")] = 32,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="With --data: longest answer a causal-LM student writes.")
+    ] = 32,
+    judge: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --data, a generative checkpoint: also score every answer with the LLM "
+            "judge of this run config (its evaluate.judge prompt, scale and model, asked of its "
+            "teacher: the simulator when enabled, else teacher.base_url with the key from "
+            "teacher.api_key_env). Without it the judge is not run (said in the output)."
+        ),
+    ] = None,
     set: SetOpt = None,
     run_id: RunIdOpt = None,
     address: AddressOpt = None,
 ) -> None:
     """Run the evaluate stage (in --run-id, else the newest run of this config's name), or
-    with --data score any checkpoint on any labelled file:
-    distill evaluate CHECKPOINT --data FILE --text-column C --label-column L [--json]."""
+    with --data score any checkpoint on any labelled file (a generative checkpoint: against
+    reference answers): distill evaluate CHECKPOINT --data FILE --text-column C
+    --label-column L [--json]."""
     if data is None:
         _run(["evaluate"], target, set, run_id, address)
         return
@@ -208,22 +226,24 @@ def evaluate(
             err=True,
         )
         raise typer.Exit(EXIT_USAGE)
-    if not data.is_file():
-        typer.echo(f"--data {data}: no such file", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    # Progress goes to stderr; stdout holds the result alone.
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    for option, path in (("--data", data), ("--judge", judge)):
+        if path is not None and not path.is_file():
+            typer.echo(f"{option} {path}: no such file", err=True)
+            raise typer.Exit(EXIT_USAGE)
+    _setup_logging()  # progress goes to stderr; stdout holds the result alone
     try:
         result = evaluate_checkpoint(
-            target, data, text_column, label_column, batch_size=batch_size, limit=limit
-        )
-    except ValueError as e:
+            target, data, text_column, label_column, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, limit=limit, judge=judge,
+        )  # fmt: skip
+    except ValueError as e:  # bad file, column or --judge config (ConfigError is one too)
         typer.echo(str(e), err=True)
         raise typer.Exit(EXIT_USAGE) from None
     if json_output:
         sys.stdout.write(json.dumps(result) + "\n")
+        return
+    if result.get("task_kind") == "generative":
+        _echo_generative(result)
         return
     typer.echo(
         f"{result['rows']} rows: accuracy {result['accuracy']:.4f}, balanced accuracy "
@@ -236,6 +256,26 @@ def evaluate(
             f"  {label}: precision {m['precision']:.4f} recall {m['recall']:.4f} "
             f"f1 {m['f1']:.4f} support {m['support']}"
         )
+
+
+def _echo_generative(result: dict) -> None:
+    adherence = result["json_adherence"]
+    typer.echo(
+        f"{result['rows']} rows: exact match {result['exact_match']:.4f}, ROUGE-L "
+        f"{result['rouge_l']:.4f}"
+        + (f", schema adherence {adherence:.4f}" if adherence is not None else "")
+        + f", unparsed {result['unparsed']}"
+    )
+    judge = result["judge"]
+    if judge["run"]:
+        score = result["judge_score"]
+        typer.echo(
+            f"  judge {judge['model']}: mean score "
+            + (f"{score:.2f}" if score is not None else "none")
+            + f" on {judge['scale'][0]}-{judge['scale'][1]}, {judge['failed']} failed"
+        )
+    else:
+        typer.echo(f"  judge not run: {judge['reason']}")
 
 
 class _ServeCommands(typer.core.TyperGroup):

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ray_pipeline.config import DistillConfig
 from ray_pipeline.run_state import Run
 from ray_pipeline.teacher.caller import TeacherCaller, TeacherEndpoint, ask_specs
 from ray_pipeline.teacher.quota import Quota
@@ -26,15 +27,21 @@ log = logging.getLogger("distill.teacher")
 def teacher_endpoint(run: Run) -> Iterator[TeacherEndpoint]:
     """The teacher to call: the built-in simulator (started now, stopped on exit) or the
     configured endpoint with its key from the environment."""
+    with config_endpoint(run.cfg, run.paths.config) as endpoint:
+        yield endpoint
+
+
+@contextlib.contextmanager
+def config_endpoint(cfg: DistillConfig, config_file: str | Path) -> Iterator[TeacherEndpoint]:
+    """``teacher_endpoint`` of a config with no run folder (`config_file`: the YAML the
+    simulator is started from; e.g. the judge of a standalone `distill evaluate`)."""
     from ray_pipeline.teacher.sim_server import simulator_process
     from ray_pipeline.teacher.simulator import simulator_identity
 
-    t = run.cfg.teacher
+    t = cfg.teacher
     if t.simulator.enabled:
-        identity = simulator_identity(run.cfg)
-        with simulator_process(
-            run.paths.config, host=t.simulator.host, port=t.simulator.port
-        ) as url:
+        identity = simulator_identity(cfg)
+        with simulator_process(config_file, host=t.simulator.host, port=t.simulator.port) as url:
             log.info("teacher simulator at %s", url)
             yield TeacherEndpoint(base_url=url, api_key="simulator", identity=identity)
         return

@@ -2,8 +2,9 @@
 
     distill_checkpoint.json   what it is: kind (causal_lm | classifier), base model, method,
                               lineage (manifest + dataset hash), task label key, labels and
-                              prompt, the train config, final metrics, and for a binary
-                              classifier its decision threshold
+                              prompt, task kind (label | generative) and output schema, the
+                              train config, final metrics, and for a binary classifier its
+                              decision threshold
     tokenizer/                save_pretrained of the tokenizer it was trained with
     model/                    method 'full': the whole model (save_pretrained)
     adapter/                  method 'lora': the PEFT adapter (+ modules_to_save)

@@ -180,6 +180,10 @@ def prepare(run: Run, out_dir: Path) -> Prepared:
             "labels": task.labels,
             "label_aliases": task.label_aliases,
             "task": task.name,
+            # What `distill evaluate CHECKPOINT --data FILE` needs to score a generative
+            # student with no run config: the kind of task and its answers' JSON Schema.
+            "task_kind": task.kind,
+            "output_schema": task.output_schema,
             # How a served classifier finds the input inside a chat request.
             "prompt": {
                 "template": task.prompt.text(),

@@ -62,6 +62,8 @@ def test_every_input_record_is_one_row(e2e_run, root):
     assert checkpoint.parent == e2e_run / "train" and checkpoint.name.startswith("checkpoint_")
     ckpt = json.loads((checkpoint / "distill_checkpoint.json").read_text())
     assert ckpt["manifest"] == str(e2e_run / "dataset" / "manifest.json")
+    # What `distill evaluate CHECKPOINT --data FILE` reads to know how to score it.
+    assert ckpt["task_kind"] == "label" and ckpt["output_schema"] is None
 
 
 def test_serve_split_traffic_and_logged_every_request(e2e_run, root, in_root):

@@ -92,3 +92,20 @@ def test_qa_seeds_runs_a_generative_task_end_to_end(tmp_path):
     md = (run / "report.md").read_text()
     assert "## Evaluation (against reference answers)" in md
     assert "| frequent_answer |" in md and "evaluate/truth/mistakes.html" in md
+
+    # The run's checkpoint scored standalone on the same test file, with the run config's
+    # judge: the checkpoint carries its task (kind, prompt, output schema), and the scores are
+    # the evaluate stage's (the same greedy answers, the same functions, the same judge).
+    cmd = [
+        sys.executable, "-m", "ray_pipeline.cli", "evaluate", ev["checkpoint"],
+        "--data", "configs/data/qa_seeds/test.jsonl", "--text-column", "input",
+        "--label-column", "reference", "--limit", str(TEST_ROWS), "--max-new-tokens", "24",
+        "--judge", "configs/qa_seeds.yaml", "--json",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alone = json.loads(proc.stdout)
+    assert alone["task_kind"] == "generative" and alone["output_schema"] == qa.OUTPUT_SCHEMA
+    assert alone["judge"]["run"] and alone["judge"]["failed"] == 0
+    for key in ("rows", "exact_match", "json_adherence", "rouge_l", "unparsed", "judge_score"):
+        assert alone[key] == pytest.approx(student[key]), key
