@@ -486,6 +486,13 @@ class LogSource(Section):
     )
     skip: int = Field(0, ge=0, description="Skip the first N records (another source reads them).")
     limit: int | None = Field(None, gt=0, description="Read at most this many records.")
+    in_distribution: bool = Field(
+        True,
+        description="false for a log that is not a sample of the traffic the student will "
+        "serve (e.g. rows gathered to change the class balance): its rows train the student, "
+        "but a binary classifier's decision threshold (train.threshold) is chosen on the "
+        "validation rows of the other sources, whose class balance is production's.",
+    )
 
     @model_validator(mode="after")
     def _fields_fit(self) -> LogSource:

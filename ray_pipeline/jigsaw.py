@@ -18,7 +18,7 @@ import csv
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ class SetResult:
     threshold: float | None
     fit_seconds: float
     seconds: float  # the whole run (generate .. evaluate)
+    # test set -> the student's accuracy at the untuned 0.5 (what the tuned threshold changed)
+    untuned: dict[str, float | None] = field(default_factory=dict)
 
 
 def set_config(
@@ -74,6 +76,22 @@ def set_config(
     return load_config(data=data, overrides=[*base, *overrides])
 
 
+def untuned_accuracy(predictions: Path, positive: str) -> float | None:
+    """The student's accuracy on a test set had it said `positive` at probability >= 0.5
+    (the untuned threshold), from the evaluate stage's student_predictions.parquet; None when
+    it has no probabilities (not a classifier)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(predictions, columns=["gold", "scores"]).to_pylist()
+    right = 0
+    for r in rows:
+        probs = json.loads(r["scores"] or "{}").get("probs")
+        if not probs:
+            return None
+        right += (probs[positive] >= 0.5) == (r["gold"] == positive)
+    return right / len(rows) if rows else None
+
+
 def run_set(cfg: DistillConfig, name: str, run_id: str) -> SetResult:
     """The loop up to evaluate in runs/<run_id>; its numbers from the run's report.json."""
     from ray_pipeline.pipeline import run_all
@@ -86,14 +104,24 @@ def run_set(cfg: DistillConfig, name: str, run_id: str) -> SetResult:
         ts: {who: float(v) for who, v in evaluate["test_sets"][ts]["accuracy"].items()}
         for ts in TEST_SETS
     }
+    threshold = train.get("threshold") or {}
+    untuned = {
+        ts: untuned_accuracy(
+            run.paths.evaluate / ts / "student_predictions.parquet", threshold["positive_label"]
+        )
+        if threshold
+        else None
+        for ts in TEST_SETS
+    }
     result = SetResult(
         name=name,
         run_dir=str(run.dir),
         train_rows=int(train["metrics"]["train_rows"]),
         accuracy=accuracy,
-        threshold=(train.get("threshold") or {}).get("value"),
+        threshold=threshold.get("value"),
         fit_seconds=float(train["metrics"]["fit_seconds"]),
         seconds=round(time.perf_counter() - started, 1),
+        untuned=untuned,
     )
     log.info("set %s: %s", name, result)
     return result
@@ -101,6 +129,10 @@ def run_set(cfg: DistillConfig, name: str, run_id: str) -> SetResult:
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
+
+
+def _round_pct(x: float | None) -> float | None:
+    return None if x is None else round(100 * x, 2)
 
 
 def table_rows(results: list[SetResult]) -> list[dict[str, Any]]:
@@ -120,6 +152,8 @@ def table_rows(results: list[SetResult]) -> list[dict[str, Any]]:
                 "teacher_indist": round(100 * r.accuracy["indist"].get("teacher", 0), 2),
                 "majority_indist": round(100 * r.accuracy["indist"]["baseline"], 2),
                 "threshold": None if r.threshold is None else round(r.threshold, 4),
+                "balanced_at_0.5": _round_pct(r.untuned.get("balanced")),
+                "indist_at_0.5": _round_pct(r.untuned.get("indist")),
                 "fit_s": round(r.fit_seconds),
                 "run_s": round(r.seconds),
                 "run_dir": r.run_dir,
@@ -340,6 +374,8 @@ def markdown_report(summary: dict[str, Any]) -> str:
         "teacher_indist",
         "majority_indist",
         "threshold",
+        "balanced_at_0.5",
+        "indist_at_0.5",
         "fit_s",
         "run_s",
     ]
@@ -350,7 +386,9 @@ def markdown_report(summary: dict[str, Any]) -> str:
         "Accuracy in % on the playbook's test sets; the student is all-MiniLM-L6-v2 (22M "
         "parameters) fine-tuned as a classifier on CPU; the playbook's students were 7B-13B "
         f"LoRA models (its best: {PUBLISHED_BEST} balanced). Overrides: "
-        f"`{' '.join(summary['overrides']) or 'none'}`.",
+        f"`{' '.join(summary['overrides']) or 'none'}`. `threshold`: the student's decision "
+        "threshold, chosen on validation rows (never a test set); `*_at_0.5`: the same student "
+        "at the untuned 0.5, i.e. what the threshold changed.",
         "",
         markdown_table(summary["sets"], cols),
         "",

@@ -43,6 +43,7 @@ class Example:
     label: str | None = None
     input: str | None = None  # the raw input text (what a classifier student reads)
     teacher_logprobs: str | None = None  # JSON token logprobs of the answer (distillation)
+    source: str | None = None  # the log (or seeds file) the row came from
 
 
 def load_examples(
@@ -74,7 +75,8 @@ def load_examples(
             f"curated dataset {path} lacks column(s) {sorted(missing)} (train.target={target!r} "
             f"reads '{column}'); it must be in the row schema of ray_pipeline.data.schema"
         )
-    rows = table.select(["id", "messages", column, "label", "input"]).to_pylist()
+    sources = ["source"] if "source" in table.column_names else []
+    rows = table.select(["id", "messages", column, "label", "input", *sources]).to_pylist()
     if not rows:
         raise ValueError(f"curated dataset {path} has no rows: nothing to train on")
     out = []
@@ -93,6 +95,7 @@ def load_examples(
                 target=answer_text(r[column]) if target == "canonical" else r[column],
                 label=r["label"],
                 input=r["input"],
+                source=r.get("source"),
             )
         )
     return out

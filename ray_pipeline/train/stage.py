@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_pipeline.config import TrainSection
+from ray_pipeline.config import LogSource, TrainSection
 from ray_pipeline.run_state import Run
 from ray_pipeline.train.data import Example
 
@@ -451,9 +451,28 @@ def summary_metrics(final: dict[str, Any]) -> dict[str, Any]:
     return {k: final.get(k) for k in keys}
 
 
+def threshold_rows(
+    val_examples: list[Example], logs: list[LogSource]
+) -> tuple[list[Example], list[str]]:
+    """(the validation rows a decision threshold is chosen on, the sources left out): every
+    row but those of logs marked ``in_distribution: false`` (rows gathered for balance, whose
+    class mix is not production's). When that leaves none, all rows."""
+    excluded = sorted(str(src.path) for src in logs if not src.in_distribution)
+    rows = [ex for ex in val_examples if ex.source not in excluded]
+    if not rows:
+        if excluded:
+            log.warning(
+                "threshold: every validation row comes from a log marked in_distribution: "
+                "false (%s); the threshold is chosen on all of them",
+                ", ".join(excluded),
+            )
+        return val_examples, []
+    return rows, excluded
+
+
 def set_threshold(checkpoint: str, val_examples: list[Example], cfg: Any) -> dict[str, Any] | None:
     """For a binary classifier: choose its decision threshold on the validation rows (for
-    train.threshold.metric), store it in the checkpoint, return it. None otherwise (other
+    train.threshold.metric; ``threshold_rows``), store it in the checkpoint, return it. None otherwise (other
     students, more than two labels, or no validation rows: the checkpoint then takes the
     most probable label)."""
     from ray_pipeline.train.checkpoint import update_meta
@@ -465,17 +484,20 @@ def set_threshold(checkpoint: str, val_examples: list[Example], cfg: Any) -> dic
     if train.student.kind != CLASSIFIER or len(labels) != 2 or not val_examples:
         return None
     positive = train.threshold.positive_label or labels[-1]
+    rows, excluded = threshold_rows(val_examples, cfg.data.logs)
     student = Student.load(checkpoint, device="cuda" if train.use_gpu else "cpu")
-    probs = student.class_probs([ex.input or "" for ex in val_examples])
+    probs = student.class_probs([ex.input or "" for ex in rows])
     index = labels.index(positive)
-    truth = [ex.label == positive for ex in val_examples]
+    truth = [ex.label == positive for ex in rows]
     value, score = choose_threshold([p[index] for p in probs], truth, train.threshold.metric)
     threshold = {
         "positive_label": positive,
         "value": value,
         "metric": train.threshold.metric,
         "val_score": score,
-        "val_rows": len(val_examples),
+        "val_rows": len(rows),
+        "excluded_val_rows": len(val_examples) - len(rows),
+        "excluded_sources": excluded,
     }
     update_meta(checkpoint, threshold=threshold)
     log.info("threshold: %s", threshold)

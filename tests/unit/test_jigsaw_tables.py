@@ -20,7 +20,9 @@ def result(name, balanced, indist, rows=1000):
         "balanced": {"student": balanced, "teacher": 0.8875, "baseline": 0.5},
         "indist": {"student": indist, "teacher": 0.9091, "baseline": 0.9091},
     }
-    return SetResult(name, f"runs/{name}", rows, acc, 0.5, 60.0, 90.0)
+    return SetResult(
+        name, f"runs/{name}", rows, acc, 0.7, 60.0, 90.0, {"balanced": 0.9, "indist": None}
+    )
 
 
 def test_orderings_and_targets_as_measured():
@@ -53,7 +55,8 @@ def test_table_puts_the_playbook_figure_beside_each_set_and_the_report_says_the_
         "seconds": 600,
     }
     text = markdown_report(summary)
-    assert "| A | 1000 | 87.25 | 87.2 |" in text
+    assert rows[0]["balanced_at_0.5"] == 90.0 and rows[0]["indist_at_0.5"] is None
+    assert "| A | 1000 | 87.25 | 87.2 |" in text and "| 0.7 | 90.0 |  | 60 | 90 |" in text
     assert "NOT met" in text and "A < E: holds" in text and "10.0 min" in text
 
 
@@ -65,3 +68,27 @@ def test_power_law_fit_recovers_a_saturating_curve():
     expected_gain = 2.0 * 4000**-0.5 - 2.0 * 8000**-0.5
     assert fit["gain_from_doubling"] == pytest.approx(expected_gain, rel=0.05)
     assert fit_power_law(sizes[:2], accs[:2]) is None
+
+
+def test_untuned_accuracy_rescores_the_students_probabilities_at_one_half(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_pipeline.jigsaw import untuned_accuracy
+
+    def scores(p1):
+        return json.dumps({"probs": {"0": 1 - p1, "1": p1}})
+
+    # Tuned at 0.7 the student is right on all four; at 0.5 the 0.6 row is a false alarm.
+    table = pa.table(
+        {
+            "gold": ["1", "0", "0", "1"],
+            "scores": [scores(0.9), scores(0.6), scores(0.1), scores(0.8)],
+        }
+    )
+    pq.write_table(table, tmp_path / "p.parquet")
+    assert untuned_accuracy(tmp_path / "p.parquet", "1") == 0.75
+    pq.write_table(pa.table({"gold": ["1"], "scores": [None]}), tmp_path / "q.parquet")
+    assert untuned_accuracy(tmp_path / "q.parquet", "1") is None

@@ -61,7 +61,7 @@ def test_load_examples_targets(tmp_path):
     canonical = load_examples(d, "canonical")
     assert [e.target for e in canonical] == ['{"toxic": 1}', '{"toxic": 0}']
     assert canonical[0].messages == [{"role": "user", "content": "Is it toxic? you idiot"}]
-    assert canonical[0].label == "1"
+    assert canonical[0].label == "1" and canonical[0].source is None
     assert [e.target for e in load_examples(d, "raw")] == [raw, '{"toxic": 0}']
 
 

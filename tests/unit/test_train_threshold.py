@@ -41,3 +41,24 @@ def test_ties_keep_the_untuned_default_and_degenerate_inputs():
     assert choose_threshold([], [], "accuracy") == (0.5, 0.0)
     with pytest.raises(ValueError, match="unknown metric"):
         metric_value("auc", [True], [True])
+
+
+def test_threshold_rows_leave_out_the_logs_gathered_for_balance():
+    from ray_pipeline.config import LogSource
+    from ray_pipeline.train.data import Example
+    from ray_pipeline.train.stage import threshold_rows
+
+    def ex(i: int, source: str | None) -> Example:
+        return Example(id=str(i), messages=[], target="", label="0", source=source)
+
+    logs = [
+        LogSource(path="logs/production.csv"),
+        LogSource(path="logs/extra_toxic.csv", in_distribution=False),
+    ]
+    val = [ex(0, "logs/production.csv"), ex(1, "logs/extra_toxic.csv"), ex(2, "seeds.jsonl")]
+    rows, excluded = threshold_rows(val, logs)
+    assert [r.id for r in rows] == ["0", "2"] and excluded == ["logs/extra_toxic.csv"]
+    # Every log in distribution (the default): every row.
+    assert threshold_rows(val, logs[:1]) == (val, [])
+    # Nothing left once the balance rows are out: all rows, rather than no threshold.
+    assert threshold_rows(val[1:2], logs) == (val[1:2], [])
