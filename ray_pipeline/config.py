@@ -1081,7 +1081,9 @@ class ThresholdSection(Section):
     """Where a binary classifier student says the positive label. The playbook's two test sets
     pull in different directions (a balanced set rewards recall of the rare class, an
     in-distribution one punishes false alarms): the threshold is where that is decided, on the
-    validation split (teacher labels), never on a test set."""
+    validation split (teacher labels), never on a test set; without the validation rows of logs
+    marked ``in_distribution: false`` (rows gathered for balance), so that its class mix is
+    production's."""
 
     metric: Literal["accuracy", "balanced_accuracy", "f1"] = Field(
         "accuracy",

@@ -4,7 +4,8 @@ A classifier says the positive label when that label's probability reaches the t
 0.5 is right only when the training labels' class balance is the one the student will meet;
 the playbook's balanced and in-distribution test sets pull in different directions. The
 threshold that maximises the configured metric on the validation rows (teacher labels, never
-a test set) is stored in the checkpoint and used at inference.
+a test set; rows of logs gathered for balance, ``data.logs[].in_distribution: false``, left out
+by ``train.stage.threshold_rows``) is stored in the checkpoint and used at inference.
 """
 
 from __future__ import annotations
