@@ -18,11 +18,18 @@ log = logging.getLogger("distill.serve")
 class Background:
     """A queue the request path puts records on, and a thread that hands them to `sinks`
     in batches, at least every `flush_s` seconds. A sink that fails is logged with the count
-    of records it missed; the others still get them."""
+    of records it missed; the others still get them. `tick`, when given, runs in the same
+    thread every `flush_s` seconds, records or not (the metrics re-report their gauges)."""
 
-    def __init__(self, sinks: list[Callable[[list[dict[str, Any]]], Any]], flush_s: float):
+    def __init__(
+        self,
+        sinks: list[Callable[[list[dict[str, Any]]], Any]],
+        flush_s: float,
+        tick: Callable[[], Any] | None = None,
+    ):
         self.sinks = sinks
         self.flush_s = flush_s
+        self.tick = tick
         self.failed = 0  # records a sink could not take
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -60,6 +67,11 @@ class Background:
             records = self._drain()
             if records:
                 self._hand_over(records)
+            if self.tick is not None:
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - metrics must not stop the request log
+                    log.exception("request log: the periodic tick failed")
         records = self._drain()
         if records:
             self._hand_over(records)

@@ -166,6 +166,8 @@ class RouterMetrics:
         self.unknown_words = Gauge(
             "distill_input_unknown_word_rate", "Share of served words never seen in training."
         )
+        # Every gauge's last value, by (name, tags): ``refresh`` reports them again.
+        self._gauges: dict[tuple[str, tuple], tuple[Any, float, dict[str, str] | None]] = {}
         self.counts: dict[str, Any] = {
             "requests": {},
             "errors": {},
@@ -175,6 +177,20 @@ class RouterMetrics:
             "shadow_disagreements": 0,
             "outputs": {},
         }
+
+    def set_gauge(self, gauge: Any, value: float, tags: dict[str, str] | None = None) -> None:
+        """Set a gauge and remember its value for ``refresh``."""
+        key = (gauge.info["name"], tuple(sorted((tags or {}).items())))
+        self._gauges[key] = (gauge, value, tags)
+        gauge.set(value, tags=tags)
+
+    def refresh(self) -> None:
+        """Report every gauge's last value again. Ray's metrics agent keeps a gauge only for
+        two report intervals after it was last set, so without this a quiet router's rates
+        (fallback, disagreement, validity, drift) would vanish from Prometheus seconds after
+        its last hybrid or shadow request. Runs in the request log's thread, as ``observe``."""
+        for gauge, value, tags in list(self._gauges.values()):
+            gauge.set(value, tags=tags)
 
     def observe(self, records: list[dict[str, Any]]) -> None:
         c = self.counts
@@ -194,7 +210,7 @@ class RouterMetrics:
                     reason = r["fallback"]
                     c["fallbacks"][reason] = c["fallbacks"].get(reason, 0) + 1
                     self.fallbacks.inc(tags={"reason": reason})
-                self.fallback_rate.set(sum(c["fallbacks"].values()) / c["hybrid"])
+                self.set_gauge(self.fallback_rate, sum(c["fallbacks"].values()) / c["hybrid"])
             shadow = r["shadow"]
             if shadow is not None and shadow["agree"] is not None:
                 c["shadow_pairs"] += 1
@@ -202,12 +218,16 @@ class RouterMetrics:
                 if not shadow["agree"]:
                     c["shadow_disagreements"] += 1
                     self.shadow_disagreements.inc()
-                self.disagreement_rate.set(c["shadow_disagreements"] / c["shadow_pairs"])
+                self.set_gauge(
+                    self.disagreement_rate, c["shadow_disagreements"] / c["shadow_pairs"]
+                )
             for student, valid in r["_student_outputs"]:
                 ok, total = c["outputs"].get(student, (0, 0))
                 c["outputs"][student] = (ok + valid, total + 1)
                 self.outputs.inc(tags={"student": student, "valid": str(valid).lower()})
-                self.validity_rate.set((ok + valid) / (total + 1), tags={"student": student})
+                self.set_gauge(
+                    self.validity_rate, (ok + valid) / (total + 1), tags={"student": student}
+                )
 
 
 # ------------------------------------------------------------------------------------- router
@@ -299,7 +319,7 @@ class Router:
             with open(a.drift_reference, encoding="utf-8") as f:
                 self.drift = DriftMonitor(json.load(f))
             sinks.append(self._observe_drift)
-        self.background = Background(sinks, rl.flush_s)
+        self.background = Background(sinks, rl.flush_s, tick=self.metrics.refresh)
         self._tasks: set[asyncio.Task] = set()  # shadow calls and the poller, kept alive
         self._poller: asyncio.Task | None = None
 
@@ -326,9 +346,9 @@ class Router:
                 self.drift.observe(extracted if extracted is not None else user)
         snap = self.drift.snapshot()
         if snap["length_psi"] is not None:
-            self.metrics.length_psi.set(snap["length_psi"])
+            self.metrics.set_gauge(self.metrics.length_psi, snap["length_psi"])
         if snap["unknown_word_rate"] is not None:
-            self.metrics.unknown_words.set(snap["unknown_word_rate"])
+            self.metrics.set_gauge(self.metrics.unknown_words, snap["unknown_word_rate"])
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -258,6 +258,46 @@ def test_background_hands_records_over_off_the_caller_and_survives_a_failing_sin
     assert got[-1] == {"i": 100}  # what was queued is handed over on close
 
 
+def test_the_tick_runs_in_the_background_thread_without_records_and_survives_failing():
+    ticks: list[int] = []
+
+    def tick():
+        ticks.append(threading.get_ident())
+        if len(ticks) == 1:
+            raise RuntimeError("exporter down")
+
+    bg = Background([], flush_s=0.02, tick=tick)
+    deadline = time.monotonic() + 10
+    while len(ticks) < 3 and time.monotonic() < deadline:  # no record was ever put
+        time.sleep(0.02)
+    bg.close()
+    assert len(ticks) >= 3 and threading.get_ident() not in ticks  # went on after the failure
+
+
+def test_router_gauges_are_reported_again_on_refresh():
+    """Ray's metrics agent drops a gauge two report intervals after its last set: the
+    router's rates are set again on every tick, with their tags, at their last value."""
+    from serve_apps.router import RouterMetrics
+
+    class FakeGauge:
+        def __init__(self, name):
+            self.info = {"name": name}
+            self.sets: list[tuple[float, dict | None]] = []
+
+        def set(self, value, tags=None):
+            self.sets.append((value, tags))
+
+    m = RouterMetrics()
+    rate, validity = FakeGauge("rate"), FakeGauge("validity")
+    m.set_gauge(rate, 0.25)
+    m.set_gauge(rate, 0.5)
+    m.set_gauge(validity, 1.0, tags={"student": "a"})
+    m.set_gauge(validity, 0.75, tags={"student": "b"})
+    m.refresh()
+    assert rate.sets == [(0.25, None), (0.5, None), (0.5, None)]
+    assert validity.sets[2:] == [(1.0, {"student": "a"}), (0.75, {"student": "b"})]
+
+
 # --------------------------------------------------------------------------------- drift
 def test_drift_against_the_training_inputs(tmp_path):
     train = synthetic.generate_comments(300, seed=1)
