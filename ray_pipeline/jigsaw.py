@@ -48,9 +48,8 @@ class SetResult:
     name: str  # "a".."e", or "e@0.25" in the ablation
     run_dir: str
     train_rows: int
-    accuracy: dict[
-        str, dict[str, float]
-    ]  # test set -> {"student", "teacher", "majority", "tfidf_logreg"}: the evaluate stage's keys
+    # test set -> {"student", "teacher", "majority", "tfidf_logreg"}: the evaluate stage's keys
+    accuracy: dict[str, dict[str, float]]
     threshold: float | None
     fit_seconds: float
     seconds: float  # the whole run (generate .. evaluate)
