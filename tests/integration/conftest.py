@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -51,22 +49,26 @@ def simulator(tmp_path):
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def pytest_collection_modifyitems(items):
+    # The first test to ask for the 2-node job waits for the whole loop on a cluster it starts
+    # (about 8 minutes on 2 cores): more than the default per-test timeout.
+    for item in items:
+        if "two_node_job" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(1800))
+
+
 @pytest.fixture(scope="session")
-def e2e_run(tmp_path_factory):
-    """`distill run` of the quickstart config, a little smaller, in a subprocess as a user runs
-    it (its own embedded Ray, the simulator started and stopped by the run). Returns the run
-    folder; several tests read it."""
-    out = tmp_path_factory.mktemp("e2e")
-    cmd = [
-        sys.executable, "-m", "ray_pipeline.cli", "run", "configs/quickstart.yaml",
-        "--set", f"run.output_dir={out}", "--set", "run.run_id=e2e",
-        "--set", "data.seeds.n_new=80", "--set", "sweep.learning_rate=[0.003]",
-        "--set", "sweep.fractions=[1.0]",
-        "--set", "serve.port=0", "--set", "serve.smoke_requests=12",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"distill run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-        )
-    return out / "e2e"
+def two_node_job():
+    """The whole loop of the quickstart, a little smaller, submitted with `distill submit` to a
+    real 2-node Ray cluster on 127.0.0.1 (its own processes, stopped before this returns):
+    see tests/integration/two_node.py."""
+    from tests.integration.two_node import two_node_job as run
+
+    return run()
+
+
+@pytest.fixture(scope="session")
+def e2e_run(two_node_job):
+    """The whole loop's run folder (from the 2-node job: one run of the loop serves the
+    end-to-end, serving and cluster tests); several tests read it."""
+    return two_node_job.run_dir
