@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,11 @@ def two_node_job():
     see tests/integration/two_node.py."""
     from tests.integration.two_node import two_node_job as run
 
-    return run()
+    job = run()
+    yield job
+    # the run folder the session's tests read, and the nodes' logs; a leftover file (a Ray
+    # process still exiting) must not fail the session, the folder is in /tmp
+    shutil.rmtree(job.tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -160,6 +160,7 @@ def train_worker_nodes(address: str, env: dict) -> list[str]:
 
 @dataclass
 class TwoNodeJob:
+    tmp: Path  # the cluster's temp dirs and logs, and the storage root: removed after the session
     run_dir: Path  # the whole loop's run folder, under the job's storage root
     storage: Path  # DISTILL_STORAGE_ROOT given to the job by its runtime_env
     loop: subprocess.CompletedProcess  # `distill submit` of the whole loop
@@ -171,7 +172,8 @@ class TwoNodeJob:
 def two_node_job() -> TwoNodeJob:
     """Start the cluster, submit the whole loop (the quickstart, a little smaller: one sweep
     trial per dataset size), gather what the tests check, stop the cluster. Raises with the
-    job's log when the loop fails, so every test that needs its run folder says why."""
+    job's log when the loop fails, so every test that needs its run folder says why (the
+    nodes' logs stay in the temp folder then)."""
     # A short path: Ray's unix sockets live under the temp dir (107-character limit).
     tmp = Path(tempfile.mkdtemp(prefix="rd2n-", dir="/tmp"))
     storage = tmp / "shared"
@@ -197,6 +199,7 @@ def two_node_job() -> TwoNodeJob:
             )
         workers = train_worker_nodes(address, env)
     return TwoNodeJob(
+        tmp=tmp,
         run_dir=storage / "runs" / RUN_ID,
         storage=storage,
         loop=loop,
