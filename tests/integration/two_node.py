@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,15 +27,13 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from ray_pipeline.serving.stage import free_port
+from tests.integration.conftest import ROOT
+
 BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
 RUN_ID = "e2e"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+STORAGE = "shared"  # the job's storage root, inside the cluster's temp folder
 
 
 def node_ports() -> list[str]:
@@ -45,7 +42,7 @@ def node_ports() -> list[str]:
         "node-manager-port", "object-manager-port", "metrics-export-port",
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
     ]  # fmt: skip
-    return [f"--{name}={free_port()}" for name in names]
+    return [f"--{name}={free_port(HOST)}" for name in names]
 
 
 def stop_node(proc: subprocess.Popen) -> None:
@@ -100,22 +97,22 @@ def two_node_cluster(tmp: Path):
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
     )
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard = free_port(HOST), free_port(HOST)
 
     def head() -> list[str]:
         nonlocal gcs, dashboard
-        gcs, dashboard = free_port(), free_port()
+        gcs, dashboard = free_port(HOST), free_port(HOST)
         return [
-            "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp / 'ray'}",
+            "--head", f"--port={gcs}", f"--node-ip-address={HOST}",
+            f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={free_port(HOST)}", f"--temp-dir={tmp / 'ray'}",
             "--num-cpus=2", "--num-gpus=0", "--object-store-memory=200000000",
             '--resources={"head_node": 1, "train_slot": 1}', *node_ports(),
         ]  # fmt: skip
 
     def worker() -> list[str]:
         return [
-            f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+            f"--address={HOST}:{gcs}", f"--node-ip-address={HOST}",
             # its own temp dir as on a second machine: the two nodes' runtime_env agents
             # would otherwise unpack the job's working_dir into one folder at once
             f"--temp-dir={tmp / 'ray-worker'}",
@@ -127,7 +124,7 @@ def two_node_cluster(tmp: Path):
         ray_node(head, env, tmp / "head.log"),
         ray_node(worker, env, tmp / "worker.log"),
     ):
-        yield f"http://127.0.0.1:{dashboard}", env
+        yield f"http://{HOST}:{dashboard}", env
 
 
 def distill_submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -161,12 +158,20 @@ def train_worker_nodes(address: str, env: dict) -> list[str]:
 @dataclass
 class TwoNodeJob:
     tmp: Path  # the cluster's temp dirs and logs, and the storage root: removed after the session
-    run_dir: Path  # the whole loop's run folder, under the job's storage root
-    storage: Path  # DISTILL_STORAGE_ROOT given to the job by its runtime_env
     loop: subprocess.CompletedProcess  # `distill submit` of the whole loop
     train_workers: list[str]  # 'head' / 'worker' per Ray Train worker the cluster ran
     wrong_token: subprocess.CompletedProcess  # `distill submit` with a wrong token
     relative_output: subprocess.CompletedProcess  # a job with no storage root
+
+    @property
+    def storage(self) -> Path:
+        """DISTILL_STORAGE_ROOT given to the job by its runtime_env."""
+        return self.tmp / STORAGE
+
+    @property
+    def run_dir(self) -> Path:
+        """The whole loop's run folder, under the job's storage root."""
+        return self.storage / "runs" / RUN_ID
 
 
 def two_node_job() -> TwoNodeJob:
@@ -176,9 +181,10 @@ def two_node_job() -> TwoNodeJob:
     nodes' logs stay in the temp folder then)."""
     # A short path: Ray's unix sockets live under the temp dir (107-character limit).
     tmp = Path(tempfile.mkdtemp(prefix="rd2n-", dir="/tmp"))
-    storage = tmp / "shared"
     runtime_env = tmp / "runtime_env.yaml"
-    runtime_env.write_text(yaml.safe_dump({"env_vars": {"DISTILL_STORAGE_ROOT": str(storage)}}))
+    runtime_env.write_text(
+        yaml.safe_dump({"env_vars": {"DISTILL_STORAGE_ROOT": str(tmp / STORAGE)}})
+    )
     with two_node_cluster(tmp) as (address, env):
         wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
         wrong_token = distill_submit(address, wrong, "--no-wait")
@@ -200,8 +206,6 @@ def two_node_job() -> TwoNodeJob:
         workers = train_worker_nodes(address, env)
     return TwoNodeJob(
         tmp=tmp,
-        run_dir=storage / "runs" / RUN_ID,
-        storage=storage,
         loop=loop,
         train_workers=workers,
         wrong_token=wrong_token,
