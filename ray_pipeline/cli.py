@@ -75,7 +75,7 @@ def _run(
     loop and for generate, else (and for --retry-failed) --run-id or the newest of the config's
     name. Prints where the report is."""
     from ray_pipeline.pipeline import RunStopped, run_all, run_stages
-    from ray_pipeline.run_state import latest_run_id
+    from ray_pipeline.run_state import StorageError, latest_run_id
 
     _setup_logging()
     cfg = _load(config, overrides)
@@ -99,7 +99,10 @@ def _run(
     except RunStopped as e:
         typer.echo(f"stopped: {e}", err=True)
         raise typer.Exit(EXIT_STOPPED) from None
-    typer.echo(f"report: {result.paths.report_md}")
+    except StorageError as e:  # the run folder's URI cannot be reached
+        typer.echo(str(e), err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(f"report: {result.report_location}")
 
 
 @app.command()

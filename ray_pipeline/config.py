@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ray_pipeline.storage import check_uri, is_uri
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; ``problems`` lists every one of them with its field path."""
@@ -45,6 +47,14 @@ def package_path(spec: str) -> str:
     return str(path)
 
 
+def path_or_uri(value: Any) -> Any:
+    """A folder setting that also takes a cloud URI (``ray_pipeline.storage``): kept as text,
+    a URI checked for a scheme pyarrow reads."""
+    if isinstance(value, Path):
+        return str(value)
+    return check_uri(value) if isinstance(value, str) and is_uri(value) else value
+
+
 class Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -53,43 +63,36 @@ class Section(BaseModel):
 # --------------------------------------------------------------------------------------- run
 class RunSection(Section):
     name: str = Field("distill", description="Human name of the run; prefixes the run id.")
-    output_dir: Path = Field(
-        Path("runs"),
-        description="Where <output_dir>/<run_id>/ is written. On a multi-node cluster a path "
-        "every node sees (NFS, EFS, Filestore, a mounted bucket). A relative path is taken "
-        "under run.storage_root when one is set; under `ray job submit` without one it is "
-        "refused (it would land in the job's temporary copy of the project).",
+    output_dir: str = Field(
+        "runs",
+        description="Where <output_dir>/<run_id>/ is written: a folder, or a cloud URI "
+        "(s3://bucket/runs, gs://bucket/runs, abfs://, hdfs://, file:///path) through pyarrow's "
+        "filesystems. With a URI the driver keeps a mirror of the run folder on its disk "
+        "(DISTILL_CACHE_DIR, default ~/.cache/ray-distill) and uploads each stage's outputs as "
+        "the stage ends; Ray Train and Tune checkpoint straight to the URI. On a multi-node "
+        "cluster a folder must be one every node sees (NFS, EFS, Filestore). A relative path "
+        "is taken under run.storage_root when one is set; under `ray job submit` without one "
+        "it is refused (it would land in the job's temporary copy of the project).",
     )
-    storage_root: Path | None = Field(
+    storage_root: str | None = Field(
         None,
-        description="Absolute folder that relative run.output_dir, teacher.cache.dir and "
-        "train.storage_path are taken under. Default: the DISTILL_STORAGE_ROOT environment "
-        "variable (set it on every node of a cluster, e.g. /mnt/shared), else the working "
-        "directory.",
+        description="Absolute folder or cloud URI that relative run.output_dir, "
+        "teacher.cache.dir and train.storage_path are taken under. Default: the "
+        "DISTILL_STORAGE_ROOT environment variable (set it on every node of a cluster, e.g. "
+        "/mnt/shared or s3://bucket/distill), else the working directory.",
     )
     run_id: str | None = Field(
         None, description="Fixed run id (re-use a run folder); default: <name>-<timestamp>."
     )
     seed: int = Field(0, description="Seed for every random choice of the run.")
 
-    @field_validator("output_dir", "storage_root", mode="before")
-    @classmethod
-    def _local_folder(cls, value: Any) -> Any:
-        # Every stage reads and writes the run folder with local file APIs (Ray Data writes
-        # from each node): a bucket works mounted (gcsfuse, s3fs), not as a URI.
-        if isinstance(value, str) and "://" in value:
-            raise ValueError(
-                "must be a folder path (on a cluster one every node sees: NFS, EFS, Filestore "
-                "or a bucket mounted with gcsfuse/s3fs); cloud URIs are taken by "
-                "train.storage_path and teacher.cache.dir"
-            )
-        return value
+    _folder_or_uri = field_validator("output_dir", "storage_root", mode="before")(path_or_uri)
 
     @field_validator("storage_root")
     @classmethod
-    def _absolute_root(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_absolute():
-            raise ValueError("must be an absolute path")
+    def _absolute_root(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value and not Path(value).is_absolute():
+            raise ValueError("must be an absolute path or a cloud URI")
         return value
 
 
@@ -1514,13 +1517,16 @@ _TARGET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class ServeStudentSection(Section):
-    checkpoint: Path | None = Field(
+    checkpoint: str | None = Field(
         None,
-        description="Student checkpoint directory (distill_checkpoint.json inside). Null: this "
+        description="Student checkpoint directory (distill_checkpoint.json inside) or its cloud "
+        "URI (each replica copies it to its node). Null: this "
         "run's student (the sweep's best trial when a sweep ran, else the train stage's). "
         "LoRA students on the same base share one deployment: the base is loaded once per "
         "replica and each request's `model` picks its adapter.",
     )
+
+    _folder_or_uri = field_validator("checkpoint", mode="before")(path_or_uri)
 
 
 class AutoscalingSection(Section):
@@ -1592,12 +1598,18 @@ class HybridSection(Section):
 
 class RequestLogSection(Section):
     enabled: bool = Field(True, description="Log every request and answer.")
-    dir: Path | None = Field(
-        None, description="Where the log files go (default: runs/<id>/serve/requests/)."
+    dir: str | None = Field(
+        None,
+        description="Where the log files go: a folder, or a cloud URI (default: "
+        "<run folder>/serve/requests/, under the run's URI when run.output_dir is one).",
     )
     format: Literal["jsonl", "parquet"] = Field(
-        "jsonl", description="jsonl: appended per flush; parquet: one file per flush."
+        "jsonl",
+        description="jsonl: appended per flush (one file per flush on a cloud URI); parquet: "
+        "one file per flush.",
     )
+
+    _folder_or_uri = field_validator("dir", mode="before")(path_or_uri)
     partition: Literal["minute", "hour", "day"] = Field(
         "hour", description="One folder per UTC minute, hour or day."
     )

@@ -70,7 +70,7 @@ def _run_stages(run: Run, stages: list[str], endpoint, options: dict | None = No
             failed = section["reasons"].get("budget_exhausted", 0)
             raise RunStopped(
                 f"teacher budget reached in {stage}: {section['budget_stop']}. {failed} rows were "
-                f"not sent; everything else is written in {run.dir}. Raise teacher.budget and "
+                f"not sent; everything else is written in {run.location}. Raise teacher.budget and "
                 f"re-run (answers already paid for come from the cache), or run "
                 f"`distill generate CONFIG --retry-failed --run-id {run.run_id}`."
             )
@@ -86,7 +86,10 @@ def run_stages(
     """Run `stages` in order in one run folder, starting the teacher only if one needs it.
     `options`: per-stage keyword arguments, e.g. {"generate": {"retry_failed": True}}."""
     run = open_run(cfg, run_id)
-    log.info("run %s in %s", run.run_id, run.dir)
+    if run.uri is not None:
+        log.info("run %s in %s (mirrored in %s)", run.run_id, run.uri, run.dir)
+    else:
+        log.info("run %s in %s", run.run_id, run.dir)
     init_ray(cfg, address)
     if needs_teacher(cfg, stages):
         with teacher_endpoint(run) as endpoint:
@@ -120,5 +123,5 @@ def run_all(
 ) -> Run:
     """The whole loop (``loop_stages``), e.g. up to 'curate' to build the dataset only."""
     run = run_stages(cfg, loop_stages(cfg, until), run_id, address)
-    log.info("report: %s", run.paths.report_md)
+    log.info("report: %s", run.report_location)
     return run

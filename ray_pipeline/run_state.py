@@ -1,6 +1,8 @@
 """The run state under every stage: the run folder, each stage's output paths, the report.
 
-A run is a folder, ``<run.output_dir>/<run_id>/``. Stages find what an earlier stage wrote
+A run is a folder, ``<run.output_dir>/<run_id>/``. When run.output_dir is a cloud URI the
+folder is the driver's mirror of it (``ray_pipeline.storage.Mirror``): each report section
+written uploads what changed, and opening the run again pulls it back. Stages find what an earlier stage wrote
 here (``run.paths``, ``run.require(stage)``), never through that stage's module, so the
 arrows between stages point one way: generate -> curate -> train -> sweep -> evaluate -> serve.
 
@@ -21,8 +23,12 @@ from typing import Any
 
 import yaml
 
+from ray_pipeline import storage
 from ray_pipeline.config import DistillConfig, dump_config
 from ray_pipeline.report import render_markdown
+
+# The label every Ray node carries with its node id (label selectors pick nodes by it).
+NODE_ID_LABEL = "ray.io/node-id"
 
 STAGES = ("generate", "curate", "train", "sweep", "evaluate", "serve")
 
@@ -105,6 +111,8 @@ class Run:
     cfg: DistillConfig
     run_id: str
     dir: Path
+    # The run folder's URI when run.output_dir is one (`dir` is then the driver's mirror).
+    uri: str | None = None
     # The run's teacher quota actor (budget, rate limits, progress), shared by the stages of
     # this invocation; created by the first stage that calls the teacher.
     quota: Any = None
@@ -112,6 +120,48 @@ class Run:
     @property
     def paths(self) -> RunPaths:
         return RunPaths(self.dir)
+
+    @property
+    def location(self) -> str:
+        """Where the run lives: its URI, or its folder."""
+        return self.uri or str(self.dir)
+
+    @property
+    def report_location(self) -> str:
+        """Where the report is for the people who read it: under the run's URI, or the file."""
+        return self.shared(self.paths.report_md)
+
+    def shared(self, path: str | Path) -> str:
+        """`path` (in the run folder) as every node reaches it: the path itself, or for a
+        mirrored run the same place under the URI. Used for what workers and replicas on
+        other nodes read (upload it first: ``push``)."""
+        if self.uri is None:
+            return str(path)
+        rel = Path(path).absolute().relative_to(self.dir)
+        return storage.join(self.uri, rel.as_posix())
+
+    def shared_if_inside(self, path: str) -> str:
+        """`path` as ``shared`` gives it when it is in the run folder, else unchanged (a
+        checkpoint of another run, a URI)."""
+        inside = not storage.is_uri(path) and Path(path).absolute().is_relative_to(self.dir)
+        return self.shared(path) if inside else path
+
+    def write_args(self) -> dict[str, Any]:
+        """Ray Data's ``ray_remote_args`` for a write into the run folder: a mirrored run's
+        folder is on the driver's disk only, so there the write tasks run on the driver's
+        node (a label selector on Ray's node-id label; what `local://` paths did before Ray
+        deprecated them). Its reads go to the URI (``shared``): pushed, readable anywhere."""
+        if self.uri is None:
+            return {}
+        import ray
+
+        return {"label_selector": {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}}
+
+    def push(self) -> list[str]:
+        """Upload what changed in a mirrored run's folder (nothing to do for a plain one)."""
+        if self.uri is None:
+            return []
+        return storage.Mirror(self.dir, self.uri).push()
 
     def stage_dir(self, stage: str) -> Path:
         """The stage's output folder (created)."""
@@ -143,6 +193,7 @@ class Run:
         report[stage] = section
         _write_atomic(self.paths.report_json, json.dumps(report, indent=2, default=str))
         _write_atomic(self.paths.report_md, render_markdown(report))
+        self.push()
         return report
 
     def student_checkpoint(self) -> tuple[str, str]:
@@ -185,11 +236,14 @@ def resolve_storage(cfg: DistillConfig, environ: Mapping[str, str] | None = None
     there the working directory is Ray's temporary copy of the project, deleted with the
     cluster, so a relative path is refused with what to set instead."""
     environ = os.environ if environ is None else environ
-    root = cfg.run.storage_root or (
-        Path(environ[STORAGE_ROOT_ENV]) if environ.get(STORAGE_ROOT_ENV) else None
-    )
-    if root is not None and not root.is_absolute():
-        raise StorageError(f"{STORAGE_ROOT_ENV}={root}: must be an absolute path")
+    root = cfg.run.storage_root or environ.get(STORAGE_ROOT_ENV) or None
+    if root is not None and storage.is_uri(root):
+        try:
+            root = storage.check_uri(root)
+        except ValueError as e:
+            raise StorageError(f"{STORAGE_ROOT_ENV}: {e}") from e
+    elif root is not None and not Path(root).is_absolute():
+        raise StorageError(f"{STORAGE_ROOT_ENV}={root}: must be an absolute path or a cloud URI")
     in_job = RAY_JOB_ENV in environ
     fields = {
         "run.output_dir": str(cfg.run.output_dir),
@@ -201,7 +255,7 @@ def resolve_storage(cfg: DistillConfig, environ: Mapping[str, str] | None = None
         if value is None or "://" in value or Path(value).is_absolute():
             continue
         if root is not None:
-            resolved[field] = str(root / value)
+            resolved[field] = storage.join(root, value)
         elif in_job:
             problems.append(
                 f"{field}: {value!r} is a relative path, and this is a Ray job: it would be "
@@ -216,7 +270,7 @@ def resolve_storage(cfg: DistillConfig, environ: Mapping[str, str] | None = None
     if problems:
         raise StorageError("\n".join(problems))
     run = cfg.run.model_copy(
-        update={"output_dir": Path(resolved.get("run.output_dir", cfg.run.output_dir))}
+        update={"output_dir": resolved.get("run.output_dir", cfg.run.output_dir)}
     )
     cache = cfg.teacher.cache.model_copy(
         update={"dir": resolved.get("teacher.cache.dir", cfg.teacher.cache.dir)}
@@ -230,20 +284,52 @@ def resolve_storage(cfg: DistillConfig, environ: Mapping[str, str] | None = None
 
 def open_run(cfg: DistillConfig, run_id: str | None = None) -> Run:
     """Create (or re-open) <output_dir>/<run_id>/ and write the resolved config into it (its
-    output paths resolved by ``resolve_storage``)."""
+    output paths resolved by ``resolve_storage``). A run on a URI is pulled into its mirror
+    first (a resume, or a later stage on another machine)."""
     cfg = resolve_storage(cfg)
     run_id = run_id or cfg.run.run_id or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = (Path(cfg.run.output_dir) / run_id).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg=cfg, run_id=run_id, dir=run_dir)
+    uri = None
+    if storage.is_uri(cfg.run.output_dir):
+        uri = storage.join(cfg.run.output_dir, run_id)
+        run_dir = storage.mirror_dir(uri)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            storage.Mirror(run_dir, uri).pull()
+            # the config first: a folder nobody can write to fails here, before any work
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+            storage.Mirror(run_dir, uri).push()
+        except OSError as e:
+            raise StorageError(
+                f"run.output_dir {cfg.run.output_dir}: cannot read or write {uri}: {e}. Check "
+                f"that the bucket exists and this machine's credentials reach it (AWS_* or an "
+                f"instance role for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://, "
+                f"AWS_ENDPOINT_URL for an S3-compatible store)"
+            ) from e
+    else:
+        run_dir = (Path(cfg.run.output_dir) / run_id).absolute()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg=cfg, run_id=run_id, dir=run_dir, uri=uri)
     run.paths.config.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    run.push()
     return run
 
 
 def latest_run_id(cfg: DistillConfig) -> str | None:
     """The config's fixed run.run_id when its folder exists, else the newest run folder of
     this config's run name, if any."""
-    root = Path(resolve_storage(cfg).run.output_dir)
+    root = resolve_storage(cfg).run.output_dir
+    if storage.is_uri(root):
+        # A run on a URI is a folder its mirror pushed a manifest into.
+        def pushed(run_id: str) -> bool:
+            return storage.exists(storage.join(root, run_id, storage.MANIFEST))
+
+        if cfg.run.run_id is not None:
+            return cfg.run.run_id if pushed(cfg.run.run_id) else None
+        # Run ids of one name end in their start time: the last in order is the newest.
+        mine = [i for i in storage.list_dirs(root) if i.startswith(f"{cfg.run.name}-")]
+        mine = [i for i in mine if pushed(i)]
+        return mine[-1] if mine else None
+    root = Path(root)
     if cfg.run.run_id is not None:
         return cfg.run.run_id if (root / cfg.run.run_id).is_dir() else None
     if not root.exists():

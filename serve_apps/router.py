@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray_pipeline import storage
 from ray_pipeline.config import AUTO_MODEL, TEACHER_TARGET, ReplicaSection, ServeSection
 from ray_pipeline.data.prompts import Prompt, last_user_content
 from ray_pipeline.serving.args import AppArgs
@@ -316,8 +317,8 @@ class Router:
         if a.drift_reference is not None:
             from ray_pipeline.serving.drift import DriftMonitor
 
-            with open(a.drift_reference, encoding="utf-8") as f:
-                self.drift = DriftMonitor(json.load(f))
+            # A file, or its copy under the run's URI (replicas run on any node).
+            self.drift = DriftMonitor(json.loads(storage.read_bytes(a.drift_reference)))
             sinks.append(self._observe_drift)
         self.background = Background(sinks, rl.flush_s, tick=self.metrics.refresh)
         self._tasks: set[asyncio.Task] = set()  # shadow calls and the poller, kept alive

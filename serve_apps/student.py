@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from ray_pipeline import storage
 from ray_pipeline.config import AUTO_MODEL
 from ray_pipeline.train.checkpoint import read_meta
 from serve_apps.protocol import (
@@ -64,7 +65,8 @@ def student_groups(students: dict[str, str]) -> list[dict[str, str]]:
     """The students (name -> checkpoint) in groups served by one deployment each."""
     groups: dict[str, dict[str, str]] = {}
     for name, ckpt in students.items():
-        ident = base_identity(ckpt, read_meta(ckpt))
+        local = storage.local_copy(ckpt)  # a URI: copied to this node once
+        ident = base_identity(local, read_meta(local))
         key = ident if ident is not None else f"alone:{name}"
         groups.setdefault(key, {})[name] = ckpt
     return list(groups.values())
@@ -79,6 +81,8 @@ def load_students(checkpoints: dict[str, str], device: str | None = None) -> dic
 
     from ray_pipeline.train.student import Student
 
+    # Checkpoints on a cloud URI are copied to this replica's node once (``local_copy``).
+    checkpoints = {name: storage.local_copy(c) for name, c in checkpoints.items()}
     if len(checkpoints) == 1:
         ((name, ckpt),) = checkpoints.items()
         return {name: Student.load(ckpt, device)}

@@ -322,16 +322,16 @@ def _write(ds: Any, run: Run) -> dict[str, str]:
         shutil.rmtree(d, ignore_errors=True)
     for which in ("train", "rejected"):
         part = ds.map_batches(_select, fn_kwargs={"which": which}, batch_format="pyarrow")
-        part.write_parquet(str(dirs[which]))
+        part.write_parquet(str(dirs[which]), ray_remote_args=run.write_args())
     ds.map_batches(_select, fn_kwargs={"which": "review"}, batch_format="pyarrow").write_json(
-        str(dirs["review"])
+        str(dirs["review"]), ray_remote_args=run.write_args()
     )
     c = run.cfg.curate
     ds.map_batches(
         _subset_rows,
         fn_kwargs={"fractions": c.subsets.fractions, "seed": run.cfg.run.seed},
         batch_format="pyarrow",
-    ).write_parquet(str(dirs["subsets"]))
+    ).write_parquet(str(dirs["subsets"]), ray_remote_args=run.write_args())
     for d in dirs.values():
         d.mkdir(exist_ok=True)  # an empty selection writes no files
     return {k: str(v) for k, v in dirs.items()}
@@ -384,7 +384,7 @@ def _curate(run: Run, endpoint: Any) -> dict[str, Any]:
         log.info("curate: %s done in %.1fs", step, timings[step])
         return ds
 
-    ds = ray.data.read_parquet(str(run.paths.generated_rows))
+    ds = ray.data.read_parquet(run.shared(run.paths.generated_rows))
     rows_in = ds.count()
     parts = partitions(rows_in, c)
     # One pass for what the steps need to know first: the sources and the labels as they come.

@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_pipeline import storage
 from ray_pipeline.config import TaskSection
 from ray_pipeline.data.schema import answer_text, to_table
 from ray_pipeline.data.test_sets import built_test_sets, test_set_rows
@@ -46,7 +47,8 @@ class StudentPredictor:
     def __init__(self, checkpoint: str, task: TaskSection, max_new_tokens: int):
         from ray_pipeline.train.student import Student
 
-        self.student = Student.load(checkpoint)
+        # A mirrored run's checkpoint comes by its URI: copied to this actor's node once.
+        self.student = Student.load(storage.local_copy(checkpoint))
         self.task = task
         self.max_new_tokens = max_new_tokens
 
@@ -179,7 +181,7 @@ def run_evaluate(run: Run, endpoint: TeacherEndpoint | None) -> dict[str, Any]:
         .map_batches(
             StudentPredictor,
             fn_constructor_kwargs={
-                "checkpoint": checkpoint,
+                "checkpoint": run.shared_if_inside(checkpoint),
                 "task": cfg.task,
                 "max_new_tokens": cfg.evaluate.max_new_tokens,
             },

@@ -128,7 +128,7 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
         if retry_failed:
             previous = run.require("generate")
             ds = (
-                ray.data.read_parquet(str(rows_dir))
+                ray.data.read_parquet(run.shared(rows_dir))
                 .map_batches(_reset_for_retry, batch_format="pyarrow")
                 .repartition(target_num_rows_per_block=session.block_rows)
             )
@@ -143,7 +143,7 @@ def run_generate(run: Run, endpoint: TeacherEndpoint, retry_failed: bool = False
         # Only the rows' own answers carry logprobs (not the seed expansion's requests).
         ds = session.pool(ds, params=run.cfg.teacher.logprob_params())
         ds = ds.map_batches(parse_batch, fn_kwargs={"task": run.cfg.task}, batch_format="pyarrow")
-        ds.write_parquet(str(tmp_dir))
+        ds.write_parquet(str(tmp_dir), ray_remote_args=run.write_args())
     # Swap in the new rows only once they are complete: a killed run leaves the old ones.
     shutil.rmtree(rows_dir, ignore_errors=True)
     tmp_dir.mkdir(exist_ok=True)  # an empty result writes no files

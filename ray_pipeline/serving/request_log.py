@@ -18,6 +18,10 @@ Requests refused as bad input (a 4xx other than 429: malformed, unknown model, t
 to the ``rejected`` files: every request is logged, and the next round reads only inputs a
 client could rightly send (answered ones, and those a target failed on).
 
+On a cloud URI (``s3://``, ``gs://``: the run folder of a run whose ``run.output_dir`` is one)
+objects cannot be appended to, so JSONL is written like Parquet, one file per flush
+(``requests-<replica>-000001.jsonl``).
+
 The router writes these files from a background thread (``serve_apps.request_log``); the
 serve stage lists and reads them (``log_files``, ``served_inputs``).
 """
@@ -33,6 +37,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ray_pipeline import storage
 
 _PARTITIONS = {"minute": "%Y-%m-%dT%H-%M", "hour": "%Y-%m-%dT%H", "day": "%Y-%m-%d"}
 
@@ -131,18 +137,26 @@ class RequestLogFiles:
             raise ValueError(f"request log format must be jsonl or parquet, got {fmt!r}")
         if partition not in _PARTITIONS:
             raise ValueError(f"request log partition must be one of {list(_PARTITIONS)}")
+        self.uri = str(directory) if storage.is_uri(directory) else None
         self.dir = Path(directory)
         self.fmt = fmt
         self.partition = partition
         self.writer = writer
         self._seq = 0
 
-    def write(self, records: list[dict[str, Any]]) -> list[Path]:
+    def write(self, records: list[dict[str, Any]]) -> list[Path | str]:
         """Write `records` (each into its own time partition); the files written."""
         by_part: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in records:
             by_part[partition_of(r["ts"], self.partition)].append(r)
-        written = []
+        written: list[Path | str] = []
+        if self.uri is not None:
+            for part, recs in sorted(by_part.items()):
+                for kind in (REQUESTS, REJECTED):
+                    batch = [r for r in recs if refused(r) == (kind == REJECTED)]
+                    if batch:
+                        written.append(self._write_object(part, kind, batch))
+            return written
         for part, recs in sorted(by_part.items()):
             folder = self.dir / part
             folder.mkdir(parents=True, exist_ok=True)
@@ -152,6 +166,19 @@ class RequestLogFiles:
                 if batch:
                     written.append(self._write(folder, kind, batch))
         return written
+
+    def _write_object(self, part: str, kind: str, records: list[dict[str, Any]]) -> str:
+        """One object per flush and kind: an object store has no append."""
+        self._seq += 1
+        uri = storage.join(self.uri or "", part, f"{kind}-{self.writer}-{self._seq:06d}.{self.fmt}")
+        if self.fmt == "jsonl":
+            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        else:
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), sink)
+            data = sink.getvalue().to_pybytes()
+        storage.write_bytes(uri, data)
+        return uri
 
     def _write(self, folder: Path, kind: str, records: list[dict[str, Any]]) -> Path:
         if self.fmt == "jsonl":
@@ -179,9 +206,17 @@ class RequestLogFiles:
         return path
 
 
-def log_files(directory: str | os.PathLike, kind: str = REQUESTS) -> list[Path]:
+def log_files(directory: str | os.PathLike, kind: str = REQUESTS) -> list[Path] | list[str]:
     """Every request log file under `directory` (``kind`` 'rejected': the refused requests'
-    files), oldest partition first: what the next round's ``data.logs`` lists."""
+    files), oldest partition first: what the next round's ``data.logs`` lists. URIs for a
+    log on a cloud URI."""
+    if storage.is_uri(directory):
+        found = storage.list_files(str(directory))
+        return [
+            f
+            for f in found
+            if f.rsplit("/", 1)[-1].startswith(f"{kind}-") and f.endswith((".jsonl", ".parquet"))
+        ]
     root = Path(directory)
     if not root.is_dir():
         return []

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ray_pipeline import storage
 from ray_pipeline.config import ServeSection
 from ray_pipeline.data.prompts import Prompt, last_user_content
 from ray_pipeline.data.test_sets import test_set_rows
@@ -96,7 +97,9 @@ def students_of(run: Run) -> tuple[dict[str, str], str]:
     out, origin = {}, ""
     for name, s in run.cfg.serve.students.items():
         if s.checkpoint is not None:
-            out[name] = str(Path(s.checkpoint).absolute())
+            out[name] = (
+                s.checkpoint if storage.is_uri(s.checkpoint) else str(Path(s.checkpoint).absolute())
+            )
         else:
             out[name], origin = run.student_checkpoint()
     return out, origin
@@ -110,7 +113,7 @@ def drift_reference(run: Run, checkpoint: str) -> Path | None:
     from ray_pipeline.serving.drift import reference, write_reference
     from ray_pipeline.train.checkpoint import read_meta
 
-    dataset = read_meta(checkpoint).get("dataset")
+    dataset = read_meta(storage.local_copy(checkpoint)).get("dataset")
     if dataset is None or not Path(dataset).exists():
         log.warning("no training data beside %s: no drift reference", checkpoint)
         return None
@@ -129,9 +132,10 @@ def resolved_serve(run: Run) -> ServeSection:
     if sc.seed is None:
         data["seed"] = cfg.run.seed
     if sc.request_log.dir is None:
-        data["request_log"]["dir"] = run.paths.request_log
-    else:
-        data["request_log"]["dir"] = Path(sc.request_log.dir).absolute()
+        # Replicas on any node write it: under the run's URI when the run has one.
+        data["request_log"]["dir"] = run.shared(run.paths.request_log)
+    elif not storage.is_uri(sc.request_log.dir):
+        data["request_log"]["dir"] = str(Path(sc.request_log.dir).absolute())
     return ServeSection.model_validate(data)
 
 
@@ -147,14 +151,16 @@ def app_args(run: Run, teacher_base_url: str, teacher_key_env: str | None) -> di
         "system": cfg.task.prompt.system,
     }
     ref = drift_reference(run, next(iter(students.values())))
+    # What the replicas (on any node) read: a mirrored run's copies under its URI.
+    run.push()
     args = AppArgs(
         serve=resolved_serve(run),
         task=task,
         teacher=cfg.teacher,
         teacher_base_url=teacher_base_url,
         teacher_api_key_env=teacher_key_env,
-        students=students,
-        drift_reference=None if ref is None else str(ref),
+        students={name: run.shared_if_inside(path) for name, path in students.items()},
+        drift_reference=None if ref is None else run.shared(ref),
     )
     data = args.model_dump(mode="json", exclude_defaults=True)
     # The serve section whole: it is what an operator reads and edits in the config file.
@@ -268,16 +274,20 @@ def smoke_batch(
     return results
 
 
-def served_inputs(files: list[Path], prompt: Prompt, limit: int = 100_000) -> list[str]:
-    """The inputs of the newest `limit` answered requests in the request log files."""
+def served_inputs(files: list[Path] | list[str], prompt: Prompt, limit: int = 100_000) -> list[str]:
+    """The inputs of the newest `limit` answered requests in the request log files (paths or
+    URIs)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     texts: list[str] = []
     for f in reversed(files):
-        if f.suffix == ".parquet":
-            records = pq.read_table(f, columns=["request", "status"]).to_pylist()
+        data = storage.read_bytes(str(f))
+        if str(f).endswith(".parquet"):
+            table = pq.read_table(pa.BufferReader(data), columns=["request", "status"])
+            records = table.to_pylist()
         else:
-            records = [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x]
+            records = [json.loads(x) for x in data.decode("utf-8").split("\n") if x]
         for r in reversed(records):
             if r["status"] == 200 and r["request"] is not None:
                 user = last_user_content(r["request"]["messages"]) or ""
@@ -288,13 +298,13 @@ def served_inputs(files: list[Path], prompt: Prompt, limit: int = 100_000) -> li
     return texts
 
 
-def drift_section(run: Run, ref_path: str | None, files: list[Path]) -> dict[str, Any]:
+def drift_section(run: Run, ref_path: str | None, files: list[Path] | list[str]) -> dict[str, Any]:
     """Drift of what was served against the training inputs, and its figure."""
     from ray_pipeline.serving.drift import DriftMonitor, drift_figure
 
     if ref_path is None:
         return {}
-    monitor = DriftMonitor(json.loads(Path(ref_path).read_text()))
+    monitor = DriftMonitor(json.loads(storage.read_bytes(ref_path)))
     for text in served_inputs(files, Prompt.from_task(run.cfg.task)):
         monitor.observe(text)
     snap = monitor.snapshot()

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray_pipeline import storage
 from ray_pipeline.config import INT_SWEEP_PARAMS, SweepSection, TrainSection
 from ray_pipeline.run_state import Run
 from ray_pipeline.sweep.analysis import (
@@ -249,8 +250,9 @@ def _tune_config(sweep: SweepSection, train: TrainSection, seed: int) -> Any:
     )
 
 
-def collect_trials(grid: Any, base: TrainSection) -> list[dict[str, Any]]:
-    """One plain record per Tune result (its values, final report and checkpoint)."""
+def collect_trials(grid: Any, base: TrainSection, storage_path: str) -> list[dict[str, Any]]:
+    """One plain record per Tune result (its values, final report and checkpoint: a URI when
+    the trials' `storage_path` is one)."""
     trials = []
     for result in grid:
         m = result.metrics or {}
@@ -266,7 +268,7 @@ def collect_trials(grid: Any, base: TrainSection) -> list[dict[str, Any]]:
                 "train_rows": m.get("train_rows"),
                 "epochs_run": m.get("epochs"),
                 "stopped_early": m.get("epochs") is not None and m["epochs"] < epochs,
-                "checkpoint": m.get("checkpoint_path"),
+                "checkpoint": storage.as_uri_like(m.get("checkpoint_path"), storage_path),
             }
         )
     trials.sort(key=lambda t: t["trial"])
@@ -296,12 +298,15 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
         and state is not None
         and state["key"] == key
         and not state["finished"]
-        and tune.Tuner.can_restore(out / "tune")
+        and tune.Tuner.can_restore(run.shared(out / "tune"))
     )
     if not resuming:
-        for old in ("tune", "trials", "mlruns"):
+        for old in ("tune", "trials", "mlruns", "best"):
             shutil.rmtree(out / old, ignore_errors=True)  # a new sweep replaces, never mixes
+            if run.uri is not None:
+                storage.remove_dir(run.shared(out / old))
         _write_state(out, key, finished=False)
+        run.push()  # the sweep's state beside its trials: resumable from another machine
     workers_cpus = sweep.max_concurrent_trials * sweep.num_workers * base.cpus_per_worker
     mode = data_loading_mode(train, prepared.dataset_bytes, workers_cpus)
     datasets = {
@@ -314,7 +319,7 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
             prepared=prepared,
             datasets=datasets,
             train=base.model_dump(mode="json"),
-            storage_path=str(out / "trials"),
+            storage_path=run.shared(out / "trials"),
             seed=seed,
         ),
         TRIAL_RESOURCES,
@@ -322,7 +327,7 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
     if resuming:
         log.info("sweep: resuming the interrupted sweep in %s (finished trials are kept)", out)
         tuner = tune.Tuner.restore(
-            str(out / "tune"), trainable, resume_unfinished=True, resume_errored=True
+            run.shared(out / "tune"), trainable, resume_unfinished=True, resume_errored=True
         )
     else:
         log.info(
@@ -338,14 +343,16 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
             param_space=param_space(sweep, train),
             tune_config=_tune_config(sweep, base, seed),
             run_config=tune.RunConfig(
-                storage_path=str(out),
+                # Tune and the trials' Ray Train runs write to the run's URI when it has one:
+                # trials run on any node.
+                storage_path=run.shared(out),
                 name="tune",
                 verbose=1,
                 callbacks=[*logging_callbacks(run, out), *(callbacks or [])],
             ),
         )
     grid = tuner.fit()
-    finished, total = finished_trials(out / "tune"), trial_count(sweep, train)
+    finished, total = finished_trials(run.shared(out / "tune")), trial_count(sweep, train)
     if finished < total:
         raise SweepInterrupted(
             f"the sweep stopped with {finished} of {total} trials finished; "
@@ -357,9 +364,16 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
             f"{len(grid.errors)} of {len(grid)} sweep trials failed; first error:\n{grid.errors[0]}"
         )
     _write_state(out, key, finished=True)
-    trials = collect_trials(grid, base)
+    trials = collect_trials(grid, base, run.shared(out / "trials"))
     keys = [*sweep.swept, "fraction"] + (["varied"] if sweep.search == "one_at_a_time" else [])
     best = pick_best(trials, sweep.metric, sweep.mode)
+    if storage.is_uri(best["checkpoint"]):
+        # The threshold is stored in the checkpoint: the best one is copied into the run
+        # folder (uploaded with it), where evaluation and serving find it like train's.
+        best["checkpoint_uri"] = best["checkpoint"]
+        best["checkpoint"] = str(out / "best")
+        shutil.rmtree(out / "best", ignore_errors=True)
+        storage.copy_dir(best["checkpoint_uri"], best["checkpoint"])
     best["threshold"] = set_threshold(best["checkpoint"], prepared.val_examples, run.cfg)
     points = ablation_points(trials, sweep.metric, sweep.mode)
     fit = fit_size_curve([p[1] for p in points], [p[2] for p in points], sweep.mode)
@@ -389,7 +403,7 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
         "mlflow": (sweep.mlflow_tracking_uri or (out / "mlruns").absolute().as_uri())
         if sweep.mlflow
         else None,
-        "tensorboard": str(out / "tune"),
+        "tensorboard": run.shared(out / "tune"),
         "seconds": round(time.perf_counter() - started, 2),
     }
     log.info(

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ray_pipeline import storage
 from ray_pipeline.config import DistillConfig
 from ray_pipeline.run_state import Run
 from ray_pipeline.teacher.caller import TeacherCaller, TeacherEndpoint, ask_specs
@@ -61,7 +62,10 @@ def cache_dir(run: Run) -> str | None:
     # A folder or a cloud URI (ResponseCache takes both); open_run made relative paths absolute.
     if c.dir is not None:
         return c.dir
-    return str(Path(run.cfg.run.output_dir).absolute() / "cache" / "teacher")
+    out = run.cfg.run.output_dir
+    if storage.is_uri(out):
+        return storage.join(out, "cache", "teacher")
+    return str(Path(out).absolute() / "cache" / "teacher")
 
 
 class TeacherSession:

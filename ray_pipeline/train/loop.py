@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray_pipeline import storage
 from ray_pipeline.config import TrainSection
 from ray_pipeline.train.data import BatchCounts, collate, length_grouped_batches
 
@@ -130,7 +131,7 @@ def _load_model(job: Job, ds_config: dict[str, Any] | None) -> Any:
         keep_alive = HfDeepSpeedConfig(ds_config)
     kind = train.student.kind
     model = load_pretrained(
-        job.model_source,
+        storage.local_copy(job.model_source),
         weights_dtype(train),
         kind,
         job.meta.get("labels"),
@@ -753,13 +754,15 @@ def _save_checkpoint(
         out_dir,
         model=engine.module,
         state_dict=state,
-        tokenizer=AutoTokenizer.from_pretrained(job.tokenizer_dir),
+        tokenizer=AutoTokenizer.from_pretrained(storage.local_copy(job.tokenizer_dir)),
         method=train.method,
         meta={
             **job.meta,
             "metrics": {k: v for k, v in metrics.items() if k not in ("history", "step_log")},
         },
-        base_dir=job.base_dir if train.method == "lora" else None,
+        base_dir=(
+            storage.local_copy(job.base_dir) if train.method == "lora" and job.base_dir else None
+        ),
     )
 
 

@@ -39,7 +39,8 @@ class Prepared:
     ships it to its trials through the object store). The driver reads only the row ids and
     the validation rows: Ray Data reads and tokenizes the training rows (``make_datasets``)."""
 
-    dataset: str  # the curated Parquet directory
+    dataset: str  # the curated Parquet directory (on the driver)
+    data_source: str  # the same for Ray Data: its URI when the run is mirrored (trials anywhere)
     dataset_bytes: int  # its size on disk (for data_loading: auto)
     train_ids: list[str]  # the training rows' ids (counts of subsets)
     train_labels: list[str | None]  # their labels, in the same order (class weights)
@@ -152,6 +153,9 @@ def prepare(run: Run, out_dir: Path) -> Prepared:
     tokenizer_dir = out_dir / "tokenizer"
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
     tokenizer.save_pretrained(tokenizer_dir)
+    # Workers (on any node) load what was made here: from the run's URI when it has one.
+    run.push()
+    shared_base = run.shared(base_dir) if base_dir is not None else None
     manifest = read_manifest(manifest_path)
     log.info(
         "dataset %s: %d training rows, %d validation rows",
@@ -161,14 +165,15 @@ def prepare(run: Run, out_dir: Path) -> Prepared:
     )
     return Prepared(
         dataset=dataset,
+        data_source=run.shared(dataset),
         dataset_bytes=sum(f.stat().st_size for f in Path(dataset).rglob("*.parquet")),
         train_ids=train_ids,
         train_labels=[label_of[i] for i in train_ids],
         val_examples=val_examples,
         tokenizer=tokenizer,
-        tokenizer_dir=str(tokenizer_dir),
-        model_source=model_source,
-        base_dir=base_dir,
+        tokenizer_dir=run.shared(tokenizer_dir),
+        model_source=shared_base if model_source == base_dir else model_source,
+        base_dir=shared_base,
         base_model=base_model,
         pad_id=tokenizer.pad_token_id,
         lineage={
@@ -338,7 +343,7 @@ def make_datasets(
             if split == "val" and not prepared.val_examples:
                 continue
             ds = ray.data.read_parquet(
-                prepared.dataset, columns=list(EXAMPLE_COLUMNS), num_cpus=DATA_TASK_CPUS
+                prepared.data_source, columns=list(EXAMPLE_COLUMNS), num_cpus=DATA_TASK_CPUS
             ).map_batches(
                 _encode_table,
                 fn_kwargs={
@@ -509,9 +514,10 @@ RESUME_FILE = "distill_resume.json"  # beside Ray's run state: which run it belo
 
 def _storage(run: Run) -> tuple[str, str]:
     """(storage_path, Ray run name) of the train stage: the run folder (Ray's run is
-    runs/<id>/train), or train.storage_path with the run id in the name."""
+    runs/<id>/train; for a mirrored run, under its URI), or train.storage_path with the run id
+    in the name."""
     if run.cfg.train.storage_path is None:
-        return str(run.dir.absolute()), "train"
+        return run.uri or str(run.dir.absolute()), "train"
     return run.cfg.train.storage_path, f"{run.run_id}-train"
 
 

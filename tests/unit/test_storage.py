@@ -24,14 +24,12 @@ def quickstart(*overrides: str):
 def test_relative_paths_go_under_the_storage_root(in_root):
     cfg = quickstart("teacher.cache.dir=cache/t", "train.storage_path=ckpt")
     out = resolve_storage(cfg, {STORAGE_ROOT_ENV: "/mnt/shared", **JOB})
-    assert out.run.output_dir == Path("/mnt/shared/runs")
+    assert out.run.output_dir == "/mnt/shared/runs"
     assert out.teacher.cache.dir == "/mnt/shared/cache/t"
     assert out.train.storage_path == "/mnt/shared/ckpt"
     # the config's own root wins over the environment's
     cfg = quickstart("run.storage_root=/data")
-    assert resolve_storage(cfg, {STORAGE_ROOT_ENV: "/mnt/shared"}).run.output_dir == Path(
-        "/data/runs"
-    )
+    assert resolve_storage(cfg, {STORAGE_ROOT_ENV: "/mnt/shared"}).run.output_dir == "/data/runs"
 
 
 def test_absolute_paths_and_uris_are_kept(in_root):
@@ -40,7 +38,7 @@ def test_absolute_paths_and_uris_are_kept(in_root):
     )
     out = resolve_storage(cfg, JOB)
     assert (out.run.output_dir, out.teacher.cache.dir, out.train.storage_path) == (
-        Path("/abs/runs"),
+        "/abs/runs",
         "s3://b/cache",
         "gs://b/c",
     )
@@ -48,7 +46,7 @@ def test_absolute_paths_and_uris_are_kept(in_root):
 
 def test_outside_a_job_relative_means_the_working_directory(in_root):
     out = resolve_storage(quickstart(), {})
-    assert out.run.output_dir == in_root / "runs"
+    assert out.run.output_dir == str(in_root / "runs")
     assert out.train.storage_path is None and out.teacher.cache.dir is None
 
 
@@ -62,17 +60,26 @@ def test_a_job_without_a_root_refuses_relative_paths_saying_what_to_set(in_root)
 
 
 def test_a_relative_root_is_refused(in_root):
-    with pytest.raises(StorageError, match="must be an absolute path"):
+    with pytest.raises(StorageError, match="must be an absolute path or a cloud URI"):
         resolve_storage(quickstart(), {STORAGE_ROOT_ENV: "shared"})
     with pytest.raises(
-        ConfigError, match="run.storage_root: must be an absolute path, got .shared."
+        ConfigError, match="run.storage_root: must be an absolute path or a cloud URI, got .shared."
     ):
         quickstart("run.storage_root=shared")
 
 
-def test_the_run_folder_is_not_a_uri(in_root):
-    with pytest.raises(ConfigError, match=r"run.output_dir: .*must be a folder path .*gcsfuse"):
-        quickstart("run.output_dir=s3://bucket/runs")
+def test_the_run_folder_may_be_a_uri_and_the_root_too(in_root):
+    cfg = quickstart("run.output_dir=s3://bucket/runs/")
+    assert resolve_storage(cfg, JOB).run.output_dir == "s3://bucket/runs"
+    # a URI root: relative paths go under it, in a job as outside one
+    out = resolve_storage(
+        quickstart("teacher.cache.dir=cache/t"), {STORAGE_ROOT_ENV: "gs://b/d", **JOB}
+    )
+    assert (out.run.output_dir, out.teacher.cache.dir) == ("gs://b/d/runs", "gs://b/d/cache/t")
+    with pytest.raises(ConfigError, match=r"run.output_dir: .*'ftp://h/x': not a storage URI"):
+        quickstart("run.output_dir=ftp://h/x")
+    with pytest.raises(StorageError, match="DISTILL_STORAGE_ROOT: 'http://h/x': not a storage"):
+        resolve_storage(quickstart(), {STORAGE_ROOT_ENV: "http://h/x"})
 
 
 @pytest.mark.parametrize("entry", [["-m", "jobs.distill"], ["-m", "ray_pipeline.cli", "train"]])

@@ -1,0 +1,268 @@
+"""Run folders and checkpoints on a cloud URI (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``
+or ``file://``), through pyarrow's filesystems: the same ones Ray Data, Ray Train and Ray Tune
+use, so credentials and endpoints come from the usual places (``AWS_*`` / ``AWS_ENDPOINT_URL``,
+``GOOGLE_APPLICATION_CREDENTIALS``, instance roles).
+
+A run whose ``run.output_dir`` is a URI keeps a **mirror** of its folder on the driver's disk:
+the stages read and write it with local file APIs as usual, and ``Mirror.push`` uploads what
+changed when a stage ends (the run's report section is written). Ray Train and Ray Tune write
+their checkpoints straight to the URI. ``Mirror.pull`` brings a run's own files back (a later
+stage or a resume on another machine), never Ray's checkpoints: those are copied on demand by
+``local_copy`` on the node that loads them (evaluation, serving replicas, training workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("distill.storage")
+
+# Schemes pyarrow.fs.FileSystem.from_uri resolves (pyarrow's own list; fsspec ones are not).
+SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
+MANIFEST = ".mirror.json"  # in the mirror and at the URI: the files the mirror pushed
+# Where copies of URIs are kept on each node (checkpoints, a mirrored run folder).
+CACHE_ENV = "DISTILL_CACHE_DIR"
+
+
+def is_uri(path: str | os.PathLike | None) -> bool:
+    return path is not None and "://" in str(path)
+
+
+def check_uri(uri: str) -> str:
+    """`uri` when its scheme is one pyarrow reads; else a ValueError saying which are."""
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme not in SCHEMES or not uri.split("://", 1)[1].strip("/"):
+        raise ValueError(
+            f"{uri!r}: not a storage URI pyarrow reads; use one of "
+            f"{', '.join(s + '://bucket/path' for s in SCHEMES[:3])} (or abfs://, hdfs://, "
+            f"file:///absolute/path)"
+        )
+    return uri.rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """`base` (a URI or a path) with `parts` appended by '/'."""
+    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, the path in it) of a URI or a local path."""
+    import pyarrow.fs
+
+    if not is_uri(uri):
+        return pyarrow.fs.LocalFileSystem(), str(Path(uri).absolute())
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
+
+
+def is_dir(uri: str) -> bool:
+    import pyarrow.fs
+
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pyarrow.fs.FileType.Directory
+
+
+def list_files(uri: str, pattern: str = "") -> list[str]:
+    """Every file under `uri` (recursive) whose path relative to it matches the glob
+    `pattern` (all when empty), as URIs, sorted."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    fs, root = filesystem(uri)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        return []
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    out = []
+    for info in found:
+        rel = info.path[len(root) :].lstrip("/")
+        if info.type == pyarrow.fs.FileType.File and (not pattern or fnmatch.fnmatch(rel, pattern)):
+            out.append(join(uri, rel))
+    return sorted(out)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """The names of the folders directly under `uri` (on a bucket: its common prefixes)."""
+    import pyarrow.fs
+
+    fs, root = filesystem(uri)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        return []
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=False))
+    return sorted(i.base_name for i in found if i.type == pyarrow.fs.FileType.Directory)
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs
+
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object (objects appear whole when the upload ends; a local file is
+    written aside and renamed)."""
+    if not is_uri(uri) or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://")) if is_uri(uri) else Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return
+    fs, path = filesystem(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def cache_dir() -> Path:
+    """This node's folder for copies of URIs: DISTILL_CACHE_DIR, else ~/.cache/ray-distill."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ray-distill")
+
+
+def as_uri_like(path: str | None, like: str) -> str | None:
+    """A path inside the filesystem of `like` (what Ray reports for a checkpoint on cloud
+    storage: 'bucket/key') as a URI of the same scheme; local paths unchanged."""
+    if path is None or not is_uri(like) or is_uri(path):
+        return path
+    return f"{like.split('://', 1)[0]}://{path}"
+
+
+def remove_dir(uri: str) -> None:
+    """Delete the folder at `uri` with everything in it; nothing when there is none."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy the folder `src` into `dst` (each a path or a URI), replacing files of the same
+    name."""
+    import pyarrow.fs
+
+    sfs, spath = filesystem(src)
+    dfs, dpath = filesystem(dst)
+    dfs.create_dir(dpath, recursive=True)
+    pyarrow.fs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs)
+
+
+def local_copy(path: str) -> str:
+    """A local directory holding `path`: itself when it is not a URI, else a copy of the
+    folder at the URI in this node's cache (made once per version of it)."""
+    if not is_uri(path):
+        return path
+    if path.startswith("file://"):
+        return path.removeprefix("file://")
+    import pyarrow.fs
+
+    fs, root = filesystem(path)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        raise FileNotFoundError(f"{path}: no such folder")
+    # Named by the URI and what is there now (names, sizes, times): a folder rewritten under
+    # the same URI (a re-run's tokenizer) is copied again, an unchanged one never.
+    listing = sorted(
+        (i.path, i.size, i.mtime_ns)
+        for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+        if i.type == pyarrow.fs.FileType.File
+    )
+    digest = hashlib.sha256(json.dumps([path, listing]).encode()).hexdigest()[:16]
+    target = cache_dir() / "copies" / f"{Path(path.rstrip('/')).name}-{digest}"
+    done = target / ".complete"
+    if not done.exists():
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        copy_dir(path, str(tmp))
+        (tmp / ".complete").write_text(path)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)  # several processes on one node: the first rename wins the slot
+    return str(target)
+
+
+def mirror_dir(uri: str) -> Path:
+    """The driver's local folder that mirrors the run folder at `uri`: the same on every
+    machine with the same cache folder, so the report's paths hold after a pull."""
+    scheme, rest = uri.split("://", 1)
+    return cache_dir() / "runs" / scheme / rest.strip("/")
+
+
+class Mirror:
+    """A local folder kept in step with a URI: ``push`` uploads the files that changed since
+    the last push (by size and modification time), ``pull`` downloads the files the URI's
+    manifest lists that the folder lacks or holds in another version."""
+
+    def __init__(self, local: Path, uri: str):
+        self.local = Path(local)
+        self.uri = uri.rstrip("/")
+
+    def _state(self) -> dict[str, list[int]]:
+        path = self.local / MANIFEST
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _files(self) -> dict[str, list[int]]:
+        out = {}
+        for p in sorted(self.local.rglob("*")):
+            if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"):
+                st = p.stat()
+                out[p.relative_to(self.local).as_posix()] = [st.st_size, st.st_mtime_ns]
+        return out
+
+    def push(self) -> list[str]:
+        """Upload the changed files, delete at the URI the files pushed before and gone here
+        (a stage's re-run replaces its outputs: readers of the URI must not see both), then
+        the manifest; the files uploaded (relative)."""
+        before, now = self._state(), self._files()
+        changed = [rel for rel, sig in now.items() if before.get(rel) != sig]
+        gone = [rel for rel in before if rel not in now]
+        for rel in changed:
+            write_bytes(join(self.uri, rel), (self.local / rel).read_bytes())
+        if gone:
+            fs, root = filesystem(self.uri)
+            for rel in gone:
+                try:
+                    fs.delete_file(f"{root}/{rel}")
+                except FileNotFoundError:
+                    log.info("%s/%s: already gone", self.uri, rel)
+        if changed or gone or not before:
+            manifest = json.dumps(now, sort_keys=True)
+            (self.local / MANIFEST).write_text(manifest)
+            write_bytes(join(self.uri, MANIFEST), manifest.encode())
+        return changed
+
+    def pull(self) -> list[str]:
+        """Download what the URI's manifest lists and this folder lacks or holds in another
+        version; the files downloaded (relative). Nothing when the URI holds no run."""
+        try:
+            remote = json.loads(read_bytes(join(self.uri, MANIFEST)))
+        except FileNotFoundError:
+            return []
+        here = self._files()
+        for rel in self._state():
+            if rel not in remote and rel in here:  # pushed once, since replaced at the URI
+                (self.local / rel).unlink()
+                del here[rel]
+        fetched = []
+        for rel, sig in remote.items():
+            if here.get(rel) == sig:
+                continue
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read_bytes(join(self.uri, rel)))
+            os.utime(target, ns=(sig[1], sig[1]))  # as pushed: the next push skips it
+            fetched.append(rel)
+        self.local.mkdir(parents=True, exist_ok=True)
+        state = dict(remote)
+        (self.local / MANIFEST).write_text(json.dumps(state, sort_keys=True))
+        return fetched
