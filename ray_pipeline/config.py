@@ -453,7 +453,10 @@ class TeacherSection(Section):
 
 # -------------------------------------------------------------------------------------- data
 class LogSource(Section):
-    path: Path = Field(description="A log file (JSONL, CSV or Parquet).")
+    path: str = Field(
+        description="A log file (JSONL, CSV or Parquet): a path or a cloud URI (s3://, gs://: "
+        "e.g. a request log object of a run on a bucket)."
+    )
     format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
         "auto", description="File format; 'auto' goes by the extension."
     )
@@ -496,6 +499,8 @@ class LogSource(Section):
         "but a binary classifier's decision threshold (train.threshold) is chosen on the "
         "validation rows of the other sources, whose class balance is production's.",
     )
+
+    _path_or_uri = field_validator("path", mode="before")(path_or_uri)
 
     @model_validator(mode="after")
     def _fields_fit(self) -> LogSource:

@@ -14,12 +14,13 @@ stage or a resume on another machine), never Ray's checkpoints: those are copied
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 log = logging.getLogger("distill.storage")
 
@@ -103,6 +104,54 @@ def exists(uri: str) -> bool:
 
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+class _NativeRaw(io.RawIOBase):
+    """A pyarrow random-access file as a Python raw file: buffered, it reads by lines and
+    under io.TextIOWrapper as the readers of logs and seeds expect."""
+
+    def __init__(self, native: Any):
+        self._f = native
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._f.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def open_input(path: str | os.PathLike) -> BinaryIO:
+    """A file (a path or a URI) open for binary reading, streamed: a log of any size."""
+    if not is_uri(path):
+        return open(path, "rb")  # noqa: SIM115 (the caller closes it: `with open_input(...)`)
+    fs, where = filesystem(str(path))
+    return io.BufferedReader(_NativeRaw(fs.open_input_file(where)), buffer_size=1 << 20)
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes of a file (a path or a URI); FileNotFoundError naming it when there is none."""
+    import pyarrow.fs
+
+    fs, where = filesystem(str(path))
+    info = fs.get_file_info(where)
+    if info.type != pyarrow.fs.FileType.File:
+        raise FileNotFoundError(f"{path} is not a file")
+    return info.size
 
 
 def read_bytes(uri: str) -> bytes:

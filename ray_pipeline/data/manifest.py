@@ -9,18 +9,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ray_pipeline.storage import file_size, open_input
+
 
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 def source_entry(path: str | Path, **extra: Any) -> dict[str, Any]:
-    p = Path(path)
-    return {"path": str(path), "bytes": p.stat().st_size, "sha256": file_sha256(p), **extra}
+    return {"path": str(path), "bytes": file_size(path), "sha256": file_sha256(path), **extra}
 
 
 _DIGEST_MOD = 1 << 256

@@ -42,6 +42,7 @@ from ray_pipeline.data.schema import (
     row_id,
     to_table,
 )
+from ray_pipeline.storage import open_input
 
 MALFORMED = "malformed_record"
 INVALID_UTF8 = "invalid_utf8"
@@ -303,7 +304,7 @@ def log_blocks(
     (default ``src.path``; rows name their source as configured)."""
     prompt = Prompt.from_task(task)
     block: list[dict[str, Any]] = []
-    with open(path or src.path, "rb") as f:
+    with open_input(path or src.path) as f:
         for row in log_rows(f, str(src.path), src, prompt, task):
             block.append(row)
             if len(block) >= block_rows:

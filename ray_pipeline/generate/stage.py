@@ -19,6 +19,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -29,6 +30,7 @@ from ray_pipeline.data.schema import FAILED, OK, to_table
 from ray_pipeline.data.sources import UNREADABLE, log_blocks
 from ray_pipeline.generate.seeds import expand_seeds
 from ray_pipeline.run_state import Run
+from ray_pipeline.storage import file_size, is_uri
 from ray_pipeline.teacher.caller import TeacherEndpoint
 from ray_pipeline.teacher.parse import parse_batch
 from ray_pipeline.teacher.quota import from_pico, to_pico
@@ -53,13 +55,13 @@ def log_datasource(sources: list[LogSource], task: TaskSection, block_rows: int)
             tasks = []
             for src in sources:
                 # Made absolute here, on the driver: a worker has its own working directory.
-                path = src.path.absolute()
+                path = src.path if is_uri(src.path) else str(Path(src.path).absolute())
                 tasks.append(
                     ReadTask(
                         functools.partial(log_blocks, src, task, block_rows, path),
                         BlockMetadata(
                             num_rows=None,
-                            size_bytes=path.stat().st_size,
+                            size_bytes=file_size(path),
                             exec_stats=None,
                             input_files=(str(path),),
                         ),
@@ -68,7 +70,7 @@ def log_datasource(sources: list[LogSource], task: TaskSection, block_rows: int)
             return tasks
 
         def estimate_inmemory_data_size(self) -> int:
-            return sum(src.path.stat().st_size for src in sources)
+            return sum(file_size(src.path) for src in sources)
 
     return LogDatasource()
 
@@ -79,8 +81,10 @@ def read_logs(run: Run) -> Any:
 
     logs = run.cfg.data.logs
     for i, src in enumerate(logs):
-        if not src.path.is_file():
-            raise FileNotFoundError(f"data.logs.{i}.path: {src.path} is not a file")
+        try:
+            file_size(src.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"data.logs.{i}.path: {src.path} is not a file") from None
     if not logs:
         return None
     # The read task hands rows over 1,024 at a time; Ray Data gathers them into blocks of at

@@ -8,7 +8,15 @@ train_slot, so two of them run one per node. The cluster lives only as long as
 loop's output and log, where its train workers ran, the answers to a wrong token and to a
 relative output path), then both nodes are stopped by their own process groups (never
 `ray stop`, which would stop every Ray on the machine), so no idle cluster burdens the tests
-that come after. The loop's run folder is the one the end-to-end tests read (`e2e_run`).
+that come after.
+
+The job's storage root is a bucket, ``s3://distill-test/shared``, on a real S3 API on
+127.0.0.1 (moto's server, tests/s3.py), as on a cloud cluster whose nodes share no disk: each
+node has its own cache folder (DISTILL_CACHE_DIR) and the bucket's endpoint and credentials
+in its environment (as an instance role gives them). The run folder is written there through
+the driver's mirror, Ray Train and Tune checkpoint there, workers and replicas copy what they
+load from it. The driver's mirror of the run folder is the one the end-to-end tests read
+(`e2e_run`); a pull of the run from the bucket into an empty folder is compared with it.
 """
 
 from __future__ import annotations
@@ -27,13 +35,16 @@ from pathlib import Path
 
 import yaml
 
+from ray_pipeline import storage
 from ray_pipeline.serving.stage import free_port
 from tests.integration.conftest import ROOT
+from tests.s3 import environment, s3_server
 
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 RUN_ID = "e2e"
-STORAGE = "shared"  # the job's storage root, inside the cluster's temp folder
+BUCKET = "distill-test"
+STORAGE = f"s3://{BUCKET}/shared"  # the job's storage root
 
 
 def node_ports() -> list[str]:
@@ -89,8 +100,9 @@ def ray_node(make_args, env: dict[str, str], log: Path, attempts: int = 3):
 
 
 @contextlib.contextmanager
-def two_node_cluster(tmp: Path):
-    """(dashboard URL, environment with the cluster's token) of a 2-node cluster."""
+def two_node_cluster(tmp: Path, node_env: dict[str, str]):
+    """(dashboard URL, environment with the cluster's token) of a 2-node cluster; `node_env`
+    is added to both nodes' environment, and each node gets a cache folder of its own."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -120,9 +132,12 @@ def two_node_cluster(tmp: Path):
             '--resources={"worker_node": 1, "train_slot": 1}', *node_ports(),
         ]  # fmt: skip
 
+    def own(name: str) -> dict[str, str]:
+        return {**env, **node_env, storage.CACHE_ENV: str(tmp / f"cache-{name}")}
+
     with (
-        ray_node(head, env, tmp / "head.log"),
-        ray_node(worker, env, tmp / "worker.log"),
+        ray_node(head, own("head"), tmp / "head.log"),
+        ray_node(worker, own("worker"), tmp / "worker.log"),
     ):
         yield f"http://{HOST}:{dashboard}", env
 
@@ -157,21 +172,22 @@ def train_worker_nodes(address: str, env: dict) -> list[str]:
 
 @dataclass
 class TwoNodeJob:
-    tmp: Path  # the cluster's temp dirs and logs, and the storage root: removed after the session
+    tmp: Path  # the cluster's temp dirs, caches and logs: removed after the session
     loop: subprocess.CompletedProcess  # `distill submit` of the whole loop
     train_workers: list[str]  # 'head' / 'worker' per Ray Train worker the cluster ran
     wrong_token: subprocess.CompletedProcess  # `distill submit` with a wrong token
     relative_output: subprocess.CompletedProcess  # a job with no storage root
+    bucket: list[str]  # every object under the storage root (names relative to it)
+    request_log: dict[str, bytes]  # the serve stage's request log objects (URI -> content)
+    pulled: Path  # the run, pulled from the bucket into an empty folder after the job
 
-    @property
-    def storage(self) -> Path:
-        """DISTILL_STORAGE_ROOT given to the job by its runtime_env."""
-        return self.tmp / STORAGE
+    storage_root = STORAGE  # DISTILL_STORAGE_ROOT given to the job by its runtime_env
+    run_uri = f"{STORAGE}/runs/{RUN_ID}"  # the whole loop's run folder
 
     @property
     def run_dir(self) -> Path:
-        """The whole loop's run folder, under the job's storage root."""
-        return self.storage / "runs" / RUN_ID
+        """The driver's mirror of the run folder (the job's driver runs on the head node)."""
+        return self.tmp / "cache-head" / "runs" / "s3" / self.run_uri.removeprefix("s3://")
 
 
 def two_node_job() -> TwoNodeJob:
@@ -182,10 +198,11 @@ def two_node_job() -> TwoNodeJob:
     # A short path: Ray's unix sockets live under the temp dir (107-character limit).
     tmp = Path(tempfile.mkdtemp(prefix="rd2n-", dir="/tmp"))
     runtime_env = tmp / "runtime_env.yaml"
-    runtime_env.write_text(
-        yaml.safe_dump({"env_vars": {"DISTILL_STORAGE_ROOT": str(tmp / STORAGE)}})
-    )
-    with two_node_cluster(tmp) as (address, env):
+    runtime_env.write_text(yaml.safe_dump({"env_vars": {"DISTILL_STORAGE_ROOT": STORAGE}}))
+    with (
+        s3_server(tmp / "s3.log", buckets=(BUCKET,)) as s3_env,
+        two_node_cluster(tmp, s3_env) as (address, env),
+    ):
         wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
         wrong_token = distill_submit(address, wrong, "--no-wait")
         relative_output = distill_submit(address, env)
@@ -204,10 +221,19 @@ def two_node_job() -> TwoNodeJob:
                 f"{loop.stderr[-3000:]}"
             )
         workers = train_worker_nodes(address, env)
+        with environment(s3_env):  # what is in the bucket, read before the server stops
+            bucket = [f[len(STORAGE) + 1 :] for f in storage.list_files(STORAGE)]
+            requests = storage.list_files(f"{TwoNodeJob.run_uri}/serve/requests")
+            request_log = {f: storage.read_bytes(f) for f in requests}
+            pulled = tmp / "pulled"
+            storage.Mirror(pulled, TwoNodeJob.run_uri).pull()
     return TwoNodeJob(
         tmp=tmp,
         loop=loop,
         train_workers=workers,
         wrong_token=wrong_token,
         relative_output=relative_output,
+        bucket=bucket,
+        request_log=request_log,
+        pulled=pulled,
     )

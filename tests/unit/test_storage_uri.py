@@ -133,3 +133,29 @@ def test_a_uri_with_a_scheme_pyarrow_does_not_read_is_refused():
     assert storage.as_uri_like("bkt/a/checkpoint_1", "s3://bkt/a") == "s3://bkt/a/checkpoint_1"
     assert storage.as_uri_like("/tmp/a/c", "file:///tmp/a") == "file:///tmp/a/c"
     assert storage.as_uri_like("/tmp/a/c", "/tmp/a") == "/tmp/a/c"
+
+
+def test_a_log_on_a_uri_reads_as_the_same_file_on_disk(s3, tmp_path, in_root):
+    """The next round's data.logs may name the request log objects of a run on a bucket."""
+    from ray_pipeline.config import LogSource
+    from ray_pipeline.data.manifest import source_entry
+    from ray_pipeline.data.sources import log_blocks
+
+    cfg = load_config("configs/quickstart.yaml")
+    local = in_root / "configs/data/quickstart/logs.jsonl"
+    remote = f"{uri('logs')}/logs.jsonl"
+    storage.write_bytes(remote, local.read_bytes())
+
+    def rows(path: str) -> list[dict]:
+        blocks = log_blocks(LogSource(path=path), cfg.task, block_rows=16)
+        return [
+            {k: v for k, v in r.items() if k not in ("id", "source")}
+            for b in blocks
+            for r in b.to_pylist()
+        ]
+
+    assert rows(remote) == rows(str(local)) and len(rows(remote)) > 100
+    on_disk, in_bucket = source_entry(local), source_entry(remote)
+    assert (in_bucket["bytes"], in_bucket["sha256"]) == (on_disk["bytes"], on_disk["sha256"])
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        storage.file_size(f"{remote}.missing")
