@@ -339,6 +339,7 @@ def serve_build(
         raise typer.Exit(EXIT_USAGE)
     run = open_run(cfg, run_id)
     path = write_serve_config(run, output or run.paths.serve / "serve.yaml")
+    run.push()  # a run on a URI: the file beside its report there too
     typer.echo(f"serve config: {path}")
 
 

@@ -48,11 +48,12 @@ def package_path(spec: str) -> str:
 
 
 def path_or_uri(value: Any) -> Any:
-    """A folder setting that also takes a cloud URI (``ray_pipeline.storage``): kept as text,
-    a URI checked for a scheme pyarrow reads."""
-    if isinstance(value, Path):
-        return str(value)
-    return check_uri(value) if isinstance(value, str) and is_uri(value) else value
+    """A path setting that also takes a cloud URI (``ray_pipeline.storage``): kept as text, a
+    URI checked for a scheme we read, a path normalised as pathlib writes it ('./a/' -> 'a':
+    a log's path names its rows, so it must not change with how it was typed)."""
+    if isinstance(value, str) and is_uri(value):
+        return check_uri(value)
+    return str(Path(value)) if isinstance(value, str | Path) else value
 
 
 class Section(BaseModel):

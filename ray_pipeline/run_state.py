@@ -155,7 +155,18 @@ class Run:
             return {}
         import ray
 
-        return {"label_selector": {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}}
+        if ray.util.client.ray.is_connected():
+            raise StorageError(
+                f"{self.uri}: a run on a URI keeps its folder on the driver's disk, and through "
+                f"Ray Client (ray://) the driver is not on the cluster: submit the run as a "
+                f"job instead (`distill submit`, `ray job submit`)"
+            )
+        # No CPU asked: the write is I/O, and a head node started with 0 CPUs (as KubeRay
+        # heads often are) must still take it.
+        return {
+            "num_cpus": 0,
+            "label_selector": {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()},
+        }
 
     def push(self) -> list[str]:
         """Upload what changed in a mirrored run's folder (nothing to do for a plain one)."""
@@ -190,6 +201,7 @@ class Run:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
         report = self.report()
         report["run_id"] = self.run_id
+        report["run_dir"] = str(self.dir)  # what its paths start with (load_report)
         report[stage] = section
         _write_atomic(self.paths.report_json, json.dumps(report, indent=2, default=str))
         _write_atomic(self.paths.report_md, render_markdown(report))
@@ -207,8 +219,17 @@ class Run:
 
 
 def load_report(run_dir: str | Path) -> dict[str, Any]:
+    """The run's report.json; when the folder it was written in is not here (a mirror pulled
+    onto another machine, a folder moved), the paths in it are taken to `run_dir`."""
     path = RunPaths(Path(run_dir)).report_json
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    written_in = json.loads(text).get("run_dir")
+    here = str(Path(run_dir).absolute())
+    if written_in and written_in != here and not Path(written_in).exists():
+        text = text.replace(json.dumps(written_in)[1:-1], json.dumps(here)[1:-1])
+    return json.loads(text)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -255,7 +276,9 @@ def resolve_storage(cfg: DistillConfig, environ: Mapping[str, str] | None = None
         if value is None or "://" in value or Path(value).is_absolute():
             continue
         if root is not None:
-            resolved[field] = storage.join(root, value)
+            resolved[field] = (
+                storage.join(root, value) if storage.is_uri(root) else str(Path(root) / value)
+            )
         elif in_job:
             problems.append(
                 f"{field}: {value!r} is a relative path, and this is a Ray job: it would be "

@@ -13,19 +13,23 @@ stage or a resume on another machine), never Ray's checkpoints: those are copied
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
 log = logging.getLogger("distill.storage")
 
-# Schemes pyarrow.fs.FileSystem.from_uri resolves (pyarrow's own list; fsspec ones are not).
-SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
+# Schemes of pyarrow's filesystems whose paths are <bucket>/<key> (so a path Ray reports
+# inside one is a URI again with the scheme in front): S3 (and S3-compatible stores), GCS,
+# and file:// for a local or mounted folder.
+SCHEMES = ("s3", "gs", "gcs", "file")
 MANIFEST = ".mirror.json"  # in the mirror and at the URI: the files the mirror pushed
 # Where copies of URIs are kept on each node (checkpoints, a mirrored run folder).
 CACHE_ENV = "DISTILL_CACHE_DIR"
@@ -38,11 +42,11 @@ def is_uri(path: str | os.PathLike | None) -> bool:
 def check_uri(uri: str) -> str:
     """`uri` when its scheme is one pyarrow reads; else a ValueError saying which are."""
     scheme = uri.split("://", 1)[0].lower()
-    if scheme not in SCHEMES or not uri.split("://", 1)[1].strip("/"):
+    if scheme not in SCHEMES or not uri.split("://", 1)[1].strip("/") or "?" in uri:
         raise ValueError(
-            f"{uri!r}: not a storage URI pyarrow reads; use one of "
-            f"{', '.join(s + '://bucket/path' for s in SCHEMES[:3])} (or abfs://, hdfs://, "
-            f"file:///absolute/path)"
+            f"{uri!r}: not a storage URI this project reads; use s3://bucket/path, "
+            f"gs://bucket/path or file:///absolute/path, without options after '?' (an S3 "
+            f"endpoint goes in AWS_ENDPOINT_URL)"
         )
     return uri.rstrip("/")
 
@@ -154,6 +158,16 @@ def file_size(path: str | os.PathLike) -> int:
     return info.size
 
 
+def _copy_file(src: str, dst: str) -> None:
+    """Stream one file from `src` to `dst` (paths or URIs), whatever its size."""
+    sfs, spath = filesystem(src)
+    dfs, dpath = filesystem(dst)
+    if not is_uri(dst):
+        Path(dpath).parent.mkdir(parents=True, exist_ok=True)
+    with sfs.open_input_stream(spath) as fin, dfs.open_output_stream(dpath) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 22)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
@@ -177,7 +191,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def cache_dir() -> Path:
     """This node's folder for copies of URIs: DISTILL_CACHE_DIR, else ~/.cache/ray-distill."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ray-distill")
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ray-distill").absolute()
 
 
 def as_uri_like(path: str | None, like: str) -> str | None:
@@ -230,13 +244,19 @@ def local_copy(path: str) -> str:
     digest = hashlib.sha256(json.dumps([path, listing]).encode()).hexdigest()[:16]
     target = cache_dir() / "copies" / f"{Path(path.rstrip('/')).name}-{digest}"
     done = target / ".complete"
-    if not done.exists():
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        copy_dir(path, str(tmp))
-        (tmp / ".complete").write_text(path)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)  # several processes on one node: the first rename wins the slot
+    if done.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes of one node (replicas, actors) ask at once: one copies, the others
+    # wait for it; a finished copy is never removed (another process may be loading it).
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)  # a copy killed half-way
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            copy_dir(path, str(tmp))
+            (tmp / ".complete").write_text(path)
+            tmp.rename(target)
     return str(target)
 
 
@@ -276,7 +296,7 @@ class Mirror:
         changed = [rel for rel, sig in now.items() if before.get(rel) != sig]
         gone = [rel for rel in before if rel not in now]
         for rel in changed:
-            write_bytes(join(self.uri, rel), (self.local / rel).read_bytes())
+            _copy_file(str(self.local / rel), join(self.uri, rel))
         if gone:
             fs, root = filesystem(self.uri)
             for rel in gone:
@@ -286,8 +306,10 @@ class Mirror:
                     log.info("%s/%s: already gone", self.uri, rel)
         if changed or gone or not before:
             manifest = json.dumps(now, sort_keys=True)
-            (self.local / MANIFEST).write_text(manifest)
+            # the URI's first: a failed upload leaves this folder's state as it was, so the
+            # next push sends the same files again
             write_bytes(join(self.uri, MANIFEST), manifest.encode())
+            (self.local / MANIFEST).write_text(manifest)
         return changed
 
     def pull(self) -> list[str]:
@@ -302,16 +324,23 @@ class Mirror:
             if rel not in remote and rel in here:  # pushed once, since replaced at the URI
                 (self.local / rel).unlink()
                 del here[rel]
-        fetched = []
+        fetched, missing = [], []
         for rel, sig in remote.items():
             if here.get(rel) == sig:
                 continue
             target = self.local / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(read_bytes(join(self.uri, rel)))
+            try:
+                _copy_file(join(self.uri, rel), str(target))
+            except FileNotFoundError:
+                missing.append(rel)  # removed by a later writer there (a re-run's train)
+                continue
             os.utime(target, ns=(sig[1], sig[1]))  # as pushed: the next push skips it
             fetched.append(rel)
+        if missing:
+            log.warning(
+                "%s: %d files its manifest lists are gone: %s", self.uri, len(missing), missing[:5]
+            )
         self.local.mkdir(parents=True, exist_ok=True)
-        state = dict(remote)
+        state = {rel: sig for rel, sig in remote.items() if rel not in missing}
         (self.local / MANIFEST).write_text(json.dumps(state, sort_keys=True))
         return fetched

@@ -366,7 +366,7 @@ def run_sweep(run: Run, callbacks: list[Any] | None = None) -> dict[str, Any]:
     _write_state(out, key, finished=True)
     trials = collect_trials(grid, base, run.shared(out / "trials"))
     keys = [*sweep.swept, "fraction"] + (["varied"] if sweep.search == "one_at_a_time" else [])
-    best = pick_best(trials, sweep.metric, sweep.mode)
+    best = dict(pick_best(trials, sweep.metric, sweep.mode))  # its own record, not the trial's
     if storage.is_uri(best["checkpoint"]):
         # The threshold is stored in the checkpoint: the best one is copied into the run
         # folder (uploaded with it), where evaluation and serving find it like train's.

@@ -568,6 +568,13 @@ def open_storage(run: Run, key: str) -> bool:
                 fs.delete_dir(info.path)
             else:
                 fs.delete_file(info.path)
+            if run.uri is not None and run.cfg.train.storage_path is None:
+                # the mirror's copy of what was just deleted at the URI (the last attempt's
+                # checkpoint/ and loss.png), so that its manifest stops listing them
+                mine = run.dir / name / info.base_name
+                shutil.rmtree(mine, ignore_errors=True)
+                mine.unlink(missing_ok=True)
+        run.push()
     _write_marker(fs, marker, key, finished=False)
     return False
 

@@ -4,6 +4,7 @@ a real S3 API on 127.0.0.1 (moto's server, the `s3` fixture): no Ray cluster nee
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def test_push_uploads_what_changed_and_pull_brings_back_only_pushed_files(s3, tm
     assert (tmp_path / "elsewhere" / "y.txt").read_text() == "y2"
     assert not (tmp_path / "elsewhere" / "train").exists()
     assert fresh.pull() == [] and fresh.push() == []  # in step both ways
+    # a file the manifest lists but a later writer removed there: skipped, not an error
+    (local / "z.txt").write_text("z")
+    mirror.push()
+    storage.filesystem(remote)[0].delete_file(storage.filesystem(f"{remote}/z.txt")[1])
+    assert sorted(storage.Mirror(tmp_path / "third", remote).pull()) == ["a/x.json", "y.txt"]
     assert storage.Mirror(tmp_path / "none", uri("empty")).pull() == []
 
 
@@ -64,6 +70,20 @@ def test_local_copy_is_made_once_per_version_of_the_folder(s3, tmp_path, monkeyp
     assert storage.local_copy(str(tmp_path)) == str(tmp_path)  # a folder is itself
     with pytest.raises(FileNotFoundError, match="no such folder"):
         storage.local_copy(uri("missing"))
+
+
+def test_processes_asking_for_one_copy_at_once_get_one_copy(s3, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    remote = uri("shared-ckpt")
+    for i in range(20):
+        storage.write_bytes(f"{remote}/part-{i}.bin", bytes(1000 * i))
+    with ThreadPoolExecutor(6) as pool:
+        got = set(pool.map(lambda _: storage.local_copy(remote), range(6)))
+    assert len(got) == 1
+    copies = [p.name for p in (tmp_path / "cache" / "copies").iterdir()]
+    assert [c for c in copies if not c.endswith(".lock")] == [Path(got.pop()).name]
 
 
 def test_a_run_on_a_uri_is_mirrored_pushed_and_found_again(s3, tmp_path, monkeypatch, in_root):
@@ -92,6 +112,13 @@ def test_a_run_on_a_uri_is_mirrored_pushed_and_found_again(s3, tmp_path, monkeyp
     again = open_run(cfg, "qs-20261201-000001")
     assert again.dir.is_relative_to(tmp_path / "driver2")
     assert load_report(again.dir)["generate"] == section
+    # paths the report holds are taken to where the run is now, when it was written elsewhere
+    section["plot"] = str(run.dir / "generate" / "x.png")
+    run.write_section("generate", section)
+    again = open_run(cfg, "qs-20261201-000001")
+    assert load_report(again.dir)["generate"]["plot"] == str(run.dir / "generate" / "x.png")
+    shutil.rmtree(tmp_path / "driver1")  # the first machine is gone
+    assert load_report(again.dir)["generate"]["plot"] == str(again.dir / "generate" / "x.png")
     assert (again.paths.generate / "rows.parquet").read_bytes() == b"PAR1"
     fixed = load_config("configs/quickstart.yaml", [f"run.output_dir={runs}", "run.run_id=nope"])
     assert latest_run_id(fixed) is None
@@ -127,8 +154,10 @@ def test_request_log_on_a_uri_writes_one_object_per_flush(s3, fmt):
 
 
 def test_a_uri_with_a_scheme_pyarrow_does_not_read_is_refused():
-    with pytest.raises(ValueError, match="'http://h/x': not a storage URI pyarrow reads"):
+    with pytest.raises(ValueError, match="'http://h/x': not a storage URI this project reads"):
         storage.check_uri("http://h/x")
+    with pytest.raises(ValueError, match="without options after '.'.*AWS_ENDPOINT_URL"):
+        storage.check_uri("s3://b/p?endpoint_override=h:9000")
     assert storage.check_uri("gs://b/p/") == "gs://b/p"
     assert storage.as_uri_like("bkt/a/checkpoint_1", "s3://bkt/a") == "s3://bkt/a/checkpoint_1"
     assert storage.as_uri_like("/tmp/a/c", "file:///tmp/a") == "file:///tmp/a/c"
