@@ -7,7 +7,6 @@ is refused with what to set. test_end_to_end.py checks the same run folder stage
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -50,20 +49,12 @@ def test_whole_loop_on_two_nodes(two_node_job):
     assert len(job.train_workers) >= 2
 
 
-def digests(folder) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in folder.rglob("*")
-        if p.is_file()
-    }
-
-
 def test_the_run_in_the_bucket_is_whole(two_node_job):
     """A pull of the run from the bucket into an empty folder (what another machine does to
     continue it) holds every file of the driver's mirror, byte for byte; Ray Train and Tune
     wrote their checkpoints to the bucket; the serve replicas wrote the request log there."""
     job = two_node_job
-    assert digests(job.pulled) == digests(job.run_dir)
+    assert job.pulled_files == job.mirror_files and len(job.mirror_files) > 50
     mine = [f.removeprefix("runs/e2e/") for f in job.bucket if f.startswith("runs/e2e/")]
     assert any(f.startswith("train/checkpoint_") for f in mine)  # Ray Train's own checkpoints
     assert any(f.startswith("sweep/trials/") and "/checkpoint_" in f for f in mine)

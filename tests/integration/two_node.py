@@ -22,6 +22,7 @@ load from it. The driver's mirror of the run folder is the one the end-to-end te
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -179,15 +180,22 @@ class TwoNodeJob:
     relative_output: subprocess.CompletedProcess  # a job with no storage root
     bucket: list[str]  # every object under the storage root (names relative to it)
     request_log: dict[str, bytes]  # the serve stage's request log objects (URI -> content)
-    pulled: Path  # the run, pulled from the bucket into an empty folder after the job
+    # sha256 per file of the driver's mirror of the run and of a pull of the run from the
+    # bucket into an empty folder, taken as the job ended (later tests write in the mirror)
+    mirror_files: dict[str, str]
+    pulled_files: dict[str, str]
 
     storage_root = STORAGE  # DISTILL_STORAGE_ROOT given to the job by its runtime_env
     run_uri = f"{STORAGE}/runs/{RUN_ID}"  # the whole loop's run folder
 
     @property
     def run_dir(self) -> Path:
-        """The driver's mirror of the run folder (the job's driver runs on the head node)."""
-        return self.tmp / "cache-head" / "runs" / "s3" / self.run_uri.removeprefix("s3://")
+        return mirror_of(self.tmp)
+
+
+def mirror_of(tmp: Path) -> Path:
+    """The driver's mirror of the run folder (the job's driver runs on the head node)."""
+    return tmp / "cache-head" / "runs" / "s3" / TwoNodeJob.run_uri.removeprefix("s3://")
 
 
 def two_node_job() -> TwoNodeJob:
@@ -235,5 +243,15 @@ def two_node_job() -> TwoNodeJob:
         relative_output=relative_output,
         bucket=bucket,
         request_log=request_log,
-        pulled=pulled,
+        mirror_files=digests(mirror_of(tmp)),
+        pulled_files=digests(pulled),
     )
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by its path relative to it."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
