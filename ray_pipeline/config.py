@@ -67,8 +67,7 @@ class RunSection(Section):
     output_dir: str = Field(
         "runs",
         description="Where <output_dir>/<run_id>/ is written: a folder, or a cloud URI "
-        "(s3://bucket/runs, gs://bucket/runs, abfs://, hdfs://, file:///path) through pyarrow's "
-        "filesystems. With a URI the driver keeps a mirror of the run folder on its disk "
+        "(s3://bucket/runs, gs://bucket/runs, file:///path) through pyarrow's filesystems. With a URI the driver keeps a mirror of the run folder on its disk "
         "(DISTILL_CACHE_DIR, default ~/.cache/ray-distill) and uploads each stage's outputs as "
         "the stage ends; Ray Train and Tune checkpoint straight to the URI. On a multi-node "
         "cluster a folder must be one every node sees (NFS, EFS, Filestore). A relative path "

@@ -311,29 +311,26 @@ def open_run(cfg: DistillConfig, run_id: str | None = None) -> Run:
     first (a resume, or a later stage on another machine)."""
     cfg = resolve_storage(cfg)
     run_id = run_id or cfg.run.run_id or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    uri = None
     if storage.is_uri(cfg.run.output_dir):
         uri = storage.join(cfg.run.output_dir, run_id)
-        run_dir = storage.mirror_dir(uri)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            storage.Mirror(run_dir, uri).pull()
-            # the config first: a folder nobody can write to fails here, before any work
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
-            storage.Mirror(run_dir, uri).push()
-        except OSError as e:
-            raise StorageError(
-                f"run.output_dir {cfg.run.output_dir}: cannot read or write {uri}: {e}. Check "
-                f"that the bucket exists and this machine's credentials reach it (AWS_* or an "
-                f"instance role for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://, "
-                f"AWS_ENDPOINT_URL for an S3-compatible store)"
-            ) from e
+        run = Run(cfg=cfg, run_id=run_id, dir=storage.mirror_dir(uri), uri=uri)
     else:
-        run_dir = (Path(cfg.run.output_dir) / run_id).absolute()
-        run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg=cfg, run_id=run_id, dir=run_dir, uri=uri)
-    run.paths.config.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
-    run.push()
+        run = Run(cfg=cfg, run_id=run_id, dir=(Path(cfg.run.output_dir) / run_id).absolute())
+    run.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if run.uri is not None:
+            storage.Mirror(run.dir, run.uri).pull()
+        run.paths.config.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+        run.push()  # the config first: a bucket nobody can write to fails here, before any work
+    except OSError as e:
+        if run.uri is None:
+            raise
+        raise StorageError(
+            f"run.output_dir {cfg.run.output_dir}: cannot read or write {run.uri}: {e}. Check "
+            f"that the bucket exists and this machine's credentials reach it (AWS_* or an "
+            f"instance role for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://, "
+            f"AWS_ENDPOINT_URL for an S3-compatible store)"
+        ) from e
     return run
 
 

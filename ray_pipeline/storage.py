@@ -1,6 +1,5 @@
-"""Run folders and checkpoints on a cloud URI (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``
-or ``file://``), through pyarrow's filesystems: the same ones Ray Data, Ray Train and Ray Tune
-use, so credentials and endpoints come from the usual places (``AWS_*`` / ``AWS_ENDPOINT_URL``,
+"""Run folders and checkpoints on a cloud URI (``s3://``, ``gs://`` or ``file://``), through
+pyarrow's filesystems: the same ones Ray Data, Ray Train and Ray Tune use, so credentials and endpoints come from the usual places (``AWS_*`` / ``AWS_ENDPOINT_URL``,
 ``GOOGLE_APPLICATION_CREDENTIALS``, instance roles).
 
 A run whose ``run.output_dir`` is a URI keeps a **mirror** of its folder on the driver's disk:
@@ -14,6 +13,7 @@ stage or a resume on another machine), never Ray's checkpoints: those are copied
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -56,28 +56,37 @@ def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
+# What a bucket's filesystem is made from besides its URI: a change makes a new one.
+_CREDENTIAL_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(bucket_uri: str, env: tuple[str | None, ...]) -> Any:
+    # from_uri on s3:// asks the bucket's region on each call (one round trip): once per
+    # bucket here, as the teacher cache keeps its own.
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(bucket_uri)[0]
+
+
 def filesystem(uri: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, the path in it) of a URI or a local path."""
+    """(pyarrow filesystem, the path in it) of a URI or a local path. For the schemes we
+    read the path is what follows '<scheme>://' ('bucket/key'); one filesystem per bucket."""
     import pyarrow.fs
 
-    if not is_uri(uri):
-        return pyarrow.fs.LocalFileSystem(), str(Path(uri).absolute())
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    return fs, path.rstrip("/")
+    if not is_uri(uri) or uri.startswith("file://"):
+        return pyarrow.fs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).absolute())
+    scheme, rest = uri.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    env = tuple(os.environ.get(k) for k in _CREDENTIAL_ENV)
+    return _bucket_filesystem(f"{scheme}://{bucket}", env), rest.rstrip("/")
 
 
-def is_dir(uri: str) -> bool:
-    import pyarrow.fs
-
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type == pyarrow.fs.FileType.Directory
-
-
-def list_files(uri: str, pattern: str = "") -> list[str]:
-    """Every file under `uri` (recursive) whose path relative to it matches the glob
-    `pattern` (all when empty), as URIs, sorted."""
-    import fnmatch
-
+def list_files(uri: str) -> list[str]:
+    """Every file under `uri` (recursive), as URIs, sorted."""
     import pyarrow.fs
 
     fs, root = filesystem(uri)
@@ -86,9 +95,8 @@ def list_files(uri: str, pattern: str = "") -> list[str]:
     found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
     out = []
     for info in found:
-        rel = info.path[len(root) :].lstrip("/")
-        if info.type == pyarrow.fs.FileType.File and (not pattern or fnmatch.fnmatch(rel, pattern)):
-            out.append(join(uri, rel))
+        if info.type == pyarrow.fs.FileType.File:
+            out.append(join(uri, info.path[len(root) :].lstrip("/")))
     return sorted(out)
 
 

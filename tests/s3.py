@@ -15,6 +15,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from ray_pipeline.teacher.sim_server import stop_process
+
 HOST = "127.0.0.1"
 
 
@@ -66,12 +68,7 @@ def s3_server(log: Path, buckets: tuple[str, ...] = ("distill-test",)) -> Iterat
             fs.create_dir(bucket)
         yield env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @contextlib.contextmanager

@@ -150,52 +150,36 @@ class RequestLogFiles:
         for r in records:
             by_part[partition_of(r["ts"], self.partition)].append(r)
         written: list[Path | str] = []
-        if self.uri is not None:
-            for part, recs in sorted(by_part.items()):
-                for kind in (REQUESTS, REJECTED):
-                    batch = [r for r in recs if refused(r) == (kind == REJECTED)]
-                    if batch:
-                        written.append(self._write_object(part, kind, batch))
-            return written
         for part, recs in sorted(by_part.items()):
-            folder = self.dir / part
-            folder.mkdir(parents=True, exist_ok=True)
             kept = [r for r in recs if not refused(r)]
             rejected = [r for r in recs if refused(r)]
             for kind, batch in ((REQUESTS, kept), (REJECTED, rejected)):
                 if batch:
-                    written.append(self._write(folder, kind, batch))
+                    written.append(self._write(part, kind, batch))
         return written
 
-    def _write_object(self, part: str, kind: str, records: list[dict[str, Any]]) -> str:
-        """One object per flush and kind: an object store has no append."""
+    def _write(self, part: str, kind: str, records: list[dict[str, Any]]) -> Path | str:
+        if self.fmt == "jsonl" and self.uri is None:
+            folder = self.dir / part
+            folder.mkdir(parents=True, exist_ok=True)
+            return self._append_jsonl(folder / f"{kind}-{self.writer}.jsonl", records)
+        # One file per flush (Parquet; JSONL too on a URI: an object cannot be appended to),
+        # written whole (a local one aside and renamed): a reader never sees half a file.
         self._seq += 1
-        uri = storage.join(self.uri or "", part, f"{kind}-{self.writer}-{self._seq:06d}.{self.fmt}")
+        name = f"{kind}-{self.writer}-{self._seq:06d}.{self.fmt}"
         if self.fmt == "jsonl":
-            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+            data = _jsonl(records)
         else:
             sink = pa.BufferOutputStream()
             pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), sink)
             data = sink.getvalue().to_pybytes()
-        storage.write_bytes(uri, data)
-        return uri
-
-    def _write(self, folder: Path, kind: str, records: list[dict[str, Any]]) -> Path:
-        if self.fmt == "jsonl":
-            return self._append_jsonl(folder / f"{kind}-{self.writer}.jsonl", records)
-        self._seq += 1
-        path = folder / f"{kind}-{self.writer}-{self._seq:06d}.parquet"
-        # Written aside and renamed: a reader never sees half a file.
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), tmp)
-        tmp.replace(path)
-        return path
+        where = storage.join(self.uri, part, name) if self.uri else self.dir / part / name
+        storage.write_bytes(str(where), data)
+        return where
 
     @staticmethod
     def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
-        # ensure_ascii=False: text stays readable; U+2028/U+2029 stay raw, which the reader
-        # keeps inside their record (it splits on \n only).
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        data = _jsonl(records)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             written = os.write(fd, data)
@@ -204,6 +188,12 @@ class RequestLogFiles:
         finally:
             os.close(fd)
         return path
+
+
+def _jsonl(records: list[dict[str, Any]]) -> bytes:
+    # ensure_ascii=False: text stays readable; U+2028/U+2029 stay raw, which the reader keeps
+    # inside their record (it splits on \n only).
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
 
 
 def log_files(directory: str | os.PathLike, kind: str = REQUESTS) -> list[Path] | list[str]:

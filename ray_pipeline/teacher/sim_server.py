@@ -131,9 +131,14 @@ def simulator_process(
                     time.sleep(0.05)
                 yield ready.read_text()
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within `timeout_s`; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
