@@ -4,14 +4,19 @@ Prints one JSON object:
 
 * ``direct_p50_ms``, ``router_p50_ms``, ``overhead_p50_ms``, ``router_p99_ms``: one client,
   requests sent alternately to the student alone (``serve_apps.student:direct_app``, the same
-  validation, no router) and through the router (canary, every request to that student);
-  ``direct_qps`` and ``router_qps``: the same two at ``--clients`` clients.
-* ``batching_qps_ratio``: router requests/s with batches of up to 16 over batches of 1, at
-  ``--clients`` clients, for a student whose answers are ``--long-tokens`` tokens long (the
-  tiny student's architecture with untrained weights: it never stops early), where the
-  model is the bottleneck (``batched_qps``, ``unbatched_qps``); ``batching_qps_ratio_short``:
-  the same for the trained student's 6-token answers, where on a small machine the HTTP path
-  (proxy, router, handle calls) is the bottleneck whatever the batching.
+  validation, no router) and through the router (canary, every request to that student) with
+  the student loaded in the router's replica (``serve.student_placement: router``); the
+  ``router_deployment_*`` and ``overhead_deployment_p50_ms`` figures: the same router calling
+  the student's own deployment (the default placement: one more hop between replicas), all
+  three alternating in one phase. ``direct_qps``, ``router_qps`` and
+  ``router_deployment_qps``: the same three at ``--clients`` clients.
+* ``batching_qps_ratio`` (this and the phases below: student deployments): router
+  requests/s with batches of up to 16 over batches of 1, at ``--clients`` clients, for a
+  student whose answers are ``--long-tokens`` tokens long (the tiny student's architecture
+  with untrained weights: it never stops early), where the model is the bottleneck
+  (``batched_qps``, ``unbatched_qps``); ``batching_qps_ratio_short``: the same for the
+  trained student's 6-token answers, where on a small machine the HTTP path (proxy, router,
+  handle calls) is the bottleneck whatever the batching.
 * ``failed_during_reweight``: requests not answered 200 while, under ``--clients`` clients,
   the canary weight of a second student goes 1% -> 10% -> 50% -> 100% (admin endpoint) and
   back to 5% (a Serve config update of the RouterControl's user_config: only that replica is
@@ -331,6 +336,7 @@ def main() -> None:
         apps = [
             app("direct", "serve_apps.student:direct_app"),
             app("router"),
+            app("inrouter", student_placement="router"),
             app("unbatched", batching={"max_batch_size": 1}),
             app("long", ckpt=untrained, max_new_tokens=args.long_tokens),
             app(
@@ -348,12 +354,15 @@ def main() -> None:
 
         async def measure() -> dict[str, Any]:
             async with Load(base) as load:
-                await load.alternate(["/direct", "/router", "/shadow"], 20)  # warm up
-                lat = await load.alternate(["/direct", "/router"], args.latency_requests)
+                await load.alternate(["/direct", "/router", "/inrouter", "/shadow"], 20)  # warm up
+                lat = await load.alternate(
+                    ["/direct", "/inrouter", "/router"], args.latency_requests
+                )
                 sh = await load.alternate(["/router", "/shadow"], args.latency_requests)
                 n, c, m = args.requests, args.clients, args.max_seconds
                 direct = await load.closed_loop("/direct", c, n, m)
                 routed = await load.closed_loop("/router", c, n, m)
+                inrouter = await load.closed_loop("/inrouter", c, n, m)
                 unbatched = await load.closed_loop("/unbatched", c, n, m)
                 lt = args.long_tokens
                 long = await load.closed_loop("/long", c, n, m, max_tokens=lt)
@@ -361,15 +370,20 @@ def main() -> None:
                 # The config update holds every app (a Serve config is declarative): only the
                 # canary's RouterControl user_config differs.
                 reweight = await reweight_under_load(load, base, config, c, args.step_seconds)
-            d50, r50 = statistics.median(lat["/direct"]), statistics.median(lat["/router"])
+            d50 = statistics.median(lat["/direct"])
+            i50, r50 = statistics.median(lat["/inrouter"]), statistics.median(lat["/router"])
             return {
                 "direct_p50_ms": round(d50, 2),
-                "router_p50_ms": round(r50, 2),
-                "overhead_p50_ms": round(r50 - d50, 2),
-                "router_p99_ms": round(pct(lat["/router"], 0.99), 2),
+                "router_p50_ms": round(i50, 2),
+                "overhead_p50_ms": round(i50 - d50, 2),
+                "router_p99_ms": round(pct(lat["/inrouter"], 0.99), 2),
+                "router_deployment_p50_ms": round(r50, 2),
+                "overhead_deployment_p50_ms": round(r50 - d50, 2),
+                "router_deployment_p99_ms": round(pct(lat["/router"], 0.99), 2),
                 "direct_p99_ms": round(pct(lat["/direct"], 0.99), 2),
                 "direct_qps": round(direct["qps"], 1),
-                "router_qps": round(routed["qps"], 1),
+                "router_qps": round(inrouter["qps"], 1),
+                "router_deployment_qps": round(routed["qps"], 1),
                 "batched_qps": round(long["qps"], 1),
                 "unbatched_qps": round(long_unbatched["qps"], 1),
                 "batching_qps_ratio": round(long["qps"] / long_unbatched["qps"], 2),
@@ -377,7 +391,8 @@ def main() -> None:
                 "batching_qps_ratio_short": round(routed["qps"] / unbatched["qps"], 2),
                 "unbatched_qps_short": round(unbatched["qps"], 1),
                 "failed_during_load": sum(
-                    x["failed"] for x in (direct, routed, unbatched, long, long_unbatched)
+                    x["failed"]
+                    for x in (direct, routed, inrouter, unbatched, long, long_unbatched)
                 ),
                 "failed_during_reweight": reweight["failed"],
                 "reweight_requests": reweight["requests"],

@@ -1657,6 +1657,17 @@ class ServeSection(Section):
         default_factory=lambda: ReplicaSection(num_gpus=None, max_ongoing_requests=32),
         description="Student deployments' resources and scaling.",
     )
+    student_placement: Literal["deployment", "router"] = Field(
+        "deployment",
+        description="deployment: each group of students is a Serve deployment of its own, "
+        "scaled and sized by `student`, that the router calls over Serve's inter-deployment "
+        "gRPC. router: every router replica loads the students itself and calls them "
+        "in-process: no hop between replicas (on a 2-core machine about 6 ms less per "
+        "request, benchmarks/serve_load.py), but the students scale with "
+        "`router.autoscaling` and `router.max_ongoing_requests`, each router replica "
+        "reserves `router` plus `student` CPUs and GPUs, and a forward pass holds the "
+        "router's loop (a target's timeout is noticed after it). For small students on CPU.",
+    )
     teacher: ReplicaSection = Field(
         default_factory=ReplicaSection, description="Teacher proxy's resources and scaling."
     )
@@ -1743,11 +1754,17 @@ class ServeSection(Section):
             raise ValueError(
                 f"hybrid.student {self.hybrid.student!r} is not a student: {list(self.students)}"
             )
-        if self.student.max_ongoing_requests < self.batching.max_batch_size:
+        takes = "student" if self.student_placement == "deployment" else "router"
+        ongoing = getattr(self, takes).max_ongoing_requests
+        if ongoing < self.batching.max_batch_size:
             raise ValueError(
-                f"student.max_ongoing_requests ({self.student.max_ongoing_requests}) must be "
-                f">= batching.max_batch_size ({self.batching.max_batch_size}): a replica could "
-                "never fill a batch"
+                f"{takes}.max_ongoing_requests ({ongoing}) must be >= batching.max_batch_size "
+                f"({self.batching.max_batch_size}): a replica could never fill a batch"
+            )
+        if self.student_placement == "router" and self.student.autoscaling != AutoscalingSection():
+            raise ValueError(
+                "student.autoscaling scales student deployments; with student_placement "
+                "'router' the students are in the router's replicas: set router.autoscaling"
             )
         return self
 

@@ -23,6 +23,10 @@ Every response says who answered (``x-distill-target``; hybrid: ``x-distill-fall
 the reason), as does the request log. Bad requests get a 4xx with an OpenAI error object
 (``protocol``); a 5xx means a target failed (502), timed out (504) or a bug.
 
+Students are deployments of their own, called over Serve's inter-deployment gRPC, or, with
+``serve.student_placement: router``, loaded in each router replica and called in-process (no
+hop between replicas; they scale with the router).
+
 Live settings live in one ``RouterControl`` replica: the admin endpoint updates it, as does
 a Serve config update of its ``user_config``; every router replica polls it twice a second.
 Logging, metrics and drift statistics are computed off the request path, in a background
@@ -69,7 +73,7 @@ from serve_apps.protocol import (
 )
 from serve_apps.request_log import Background
 from serve_apps.routing import Answers, fallback_reason, pick
-from serve_apps.student import StudentDeployment, student_groups
+from serve_apps.student import StudentDeployment, StudentServer, student_groups
 from serve_apps.teacher_proxy import TeacherProxy, TeacherQuota
 
 log = logging.getLogger("distill.serve")
@@ -286,7 +290,8 @@ class Router:
         control: Any,
     ):
         a = AppArgs.model_validate(args)
-        self.serve = a.serve
+        s = a.serve
+        self.serve = s
         # Calls to the targets go over Serve's inter-deployment gRPC (by value) rather than
         # as Ray actor calls: on 2 CPUs a third less router overhead and a seventh more
         # requests/s (benchmarks/serve_load.py). One handle per target's `answer`, made once
@@ -294,6 +299,14 @@ class Router:
         self.students = {
             n: h.options(method_name="answer", _by_reference=False) for n, h in students.items()
         }
+        # serve.student_placement 'router': the students are loaded here and called in-process.
+        self.in_process: dict[str, StudentServer] = {}
+        if s.student_placement == "router":
+            for group in student_groups(a.students):
+                server = StudentServer(
+                    group, s.batching.max_batch_size, s.batching.wait_timeout_s, s.max_new_tokens
+                )
+                self.in_process.update({name: server for name in group})
         self.teacher = teacher.options(method_name="answer", _by_reference=False)
         self.control = control
         self.targets = [*a.serve.students, TEACHER_TARGET]
@@ -444,6 +457,10 @@ class Router:
         started = time.perf_counter()
         if target == TEACHER_TARGET:
             response = self.teacher.remote(messages, max_tokens, stop)
+        elif self.in_process:
+            # A coroutine: the timeout scope cancels it (once the forward pass it waits in is
+            # done: that holds this loop).
+            response = self.in_process[target].answer(target, messages, max_tokens)
         else:
             response = self.students[target].remote(target, messages, max_tokens)
         out = Outcome(target)
@@ -452,7 +469,8 @@ class Router:
             async with asyncio.timeout(timeout_s):
                 result = await response
         except TimeoutError:
-            response.cancel()
+            if not asyncio.iscoroutine(response):
+                response.cancel()
             out.error = ApiError(
                 504,
                 f"Target '{target}' did not answer within {timeout_s}s.",
@@ -762,7 +780,9 @@ class Router:
 
 
 # ------------------------------------------------------------------------------------ builder
-def _options(r: ReplicaSection, num_gpus: float, shutdown_s: float) -> dict[str, Any]:
+def _options(
+    r: ReplicaSection, num_cpus: float, num_gpus: float, shutdown_s: float
+) -> dict[str, Any]:
     a = r.autoscaling
     scale: dict[str, Any] = (
         {"num_replicas": a.min_replicas}
@@ -776,7 +796,7 @@ def _options(r: ReplicaSection, num_gpus: float, shutdown_s: float) -> dict[str,
         }
     )
     return {
-        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": num_gpus},
+        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "max_ongoing_requests": r.max_ongoing_requests,
         # Stop fast: Ctrl-C on `distill serve` ends within seconds, not Serve's 20 s default.
         "graceful_shutdown_timeout_s": shutdown_s,
@@ -786,19 +806,21 @@ def _options(r: ReplicaSection, num_gpus: float, shutdown_s: float) -> dict[str,
 
 
 def app(args: dict[str, Any]) -> serve.Application:
-    """Application builder: the students (one deployment per group sharing a base), the
-    teacher proxy (and its shared quota when a rate limit or budget is set), the live
-    settings and the router in front."""
+    """Application builder: the students (one deployment per group sharing a base, or in
+    the router's replicas: ``serve.student_placement``), the teacher proxy (and its shared
+    quota when a rate limit or budget is set), the live settings and the router in front."""
     a = AppArgs.model_validate(args)
     s = a.serve
     # The live settings and the quota hold a few numbers: no CPU reserved for them (Serve's
     # default is one each, which on a small node can leave the students none).
     light = {"num_cpus": 0}
     handles: dict[str, Any] = {}
-    for group in student_groups(a.students):
+    in_router = s.student_placement == "router"
+    for group in [] if in_router else student_groups(a.students):
         first = next(iter(group))
         node = StudentDeployment.options(
-            name=f"Student-{first}", **_options(s.student, s.student.num_gpus, s.shutdown_timeout_s)
+            name=f"Student-{first}",
+            **_options(s.student, s.student.num_cpus, s.student.num_gpus, s.shutdown_timeout_s),
         ).bind(group, s.batching.max_batch_size, s.batching.wait_timeout_s, s.max_new_tokens)
         handles.update({name: node for name in group})
     t = a.teacher
@@ -816,7 +838,8 @@ def app(args: dict[str, Any]) -> serve.Application:
             t.budget.max_tokens,
         )
     teacher = TeacherProxy.options(
-        name="Teacher", **_options(s.teacher, s.teacher.num_gpus or 0, s.shutdown_timeout_s)
+        name="Teacher",
+        **_options(s.teacher, s.teacher.num_cpus, s.teacher.num_gpus or 0, s.shutdown_timeout_s),
     ).bind(t.model_dump(mode="json"), a.teacher_base_url, a.teacher_api_key_env, quota)
     # The live settings' starting values; a config file's RouterControl user_config wins.
     control = RouterControl.options(
@@ -825,6 +848,9 @@ def app(args: dict[str, Any]) -> serve.Application:
         graceful_shutdown_wait_loop_s=0.25,
         graceful_shutdown_timeout_s=s.shutdown_timeout_s,
     ).bind(s.model_dump(mode="json"))
-    return Router.options(**_options(s.router, s.router.num_gpus or 0, s.shutdown_timeout_s)).bind(
+    # A router replica holding the students reserves what a student replica would as well.
+    cpus = s.router.num_cpus + (s.student.num_cpus if in_router else 0)
+    gpus = (s.router.num_gpus or 0) + (s.student.num_gpus if in_router else 0)
+    return Router.options(**_options(s.router, cpus, gpus, s.shutdown_timeout_s)).bind(
         a.model_dump(mode="json"), handles, teacher, control
     )

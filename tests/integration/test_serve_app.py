@@ -9,7 +9,9 @@ Three apps on one Serve instance:
 * ``shadow``: the student answers, a copy goes to a teacher that fails half its requests and
   is wrong on half the rest; Parquet request log; no auth;
 * ``hybrid``: the student first, the teacher when unsure; the teacher's budget (the shared
-  quota) is small enough for the last test to spend it.
+  quota) is small enough for the last test to spend it;
+* ``inrouter``: the canary's two LoRA students loaded in the router's replica
+  (``serve.student_placement: router``), split 50/50, no auth, admin key on.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def served(ray_local, e2e_run, tmp_path_factory):
         "serve.request_log.flush_s=0.2",
         "serve.max_new_tokens=16",
     ]
-    logs = {name: tmp / f"log-{name}" for name in ("canary", "shadow", "hybrid")}
+    logs = {name: tmp / f"log-{name}" for name in ("canary", "shadow", "hybrid", "inrouter")}
     apps = {
         "canary": (
             good,
@@ -122,6 +124,20 @@ def served(ray_local, e2e_run, tmp_path_factory):
                 "serve.hybrid.student_timeout_s=3",
                 "serve.admin_key_env=DISTILL_TEST_ADMIN_KEY",
                 "teacher.budget.max_tokens=6000",
+            ],
+        ),
+        "inrouter": (
+            good,
+            [
+                f"serve.students={{student: {{}}, student-v0: {{checkpoint: {first}}}}}",
+                "serve.weights={student-v0: 0.5, student: 0.5}",
+                "serve.student_placement=router",
+                "serve.admin_key_env=DISTILL_TEST_ADMIN_KEY",
+                # The four apps reserve 0.5 CPU in all: the next-round test's generate stage
+                # needs 1.5 of the session's 2 (its parse tasks take 1).
+                "serve.router.num_cpus=0.02",
+                "serve.student.num_cpus=0.03",
+                "serve.teacher.num_cpus=0",
             ],
         ),
     }
@@ -523,3 +539,37 @@ def test_replicas_run_throughput_optimized_beside_the_apps_own_environment(serve
         env = d["deployment_config"]["ray_actor_options"]["runtime_env"]["env_vars"]
         assert env["DISTILL_TEST_SERVE_KEY"] == KEY, name
         assert env.items() >= THROUGHPUT_OPTIMIZED_ENV.items(), name
+
+
+# ------------------------------------------------------------------- students in the router
+def test_students_in_the_router_answer_as_their_deployment_does(served):
+    """serve.student_placement=router: no student deployment, the router's replica reserves
+    the router's and the student's CPUs, and each student (two adapters on one base, in the
+    router's process) answers what the same student answers from its own deployment."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    deployments = details["applications"]["inrouter"]["deployments"]
+    assert set(deployments) == {"Router", "RouterControl", "Teacher"}
+    options = deployments["Router"]["deployment_config"]["ray_actor_options"]
+    assert options["num_cpus"] == pytest.approx(0.05)  # serve.router + serve.student
+    inrouter, canary = served.client("inrouter", key="none"), served.client("canary")
+    for model in ("student", "student-v0"):
+        for text in TEXTS[:5]:
+            h, here = ask(inrouter, text, model=model)
+            _, there = ask(canary, text, model=model)
+            assert h[TARGET_HEADER] == model
+            assert here.choices[0].message.content == there.choices[0].message.content
+            assert here.usage == there.usage
+    results = many(lambda t: ask(inrouter, t), TEXTS[:120])
+    split = Counter(h[TARGET_HEADER] for h, _ in results)
+    assert set(split) == {"student", "student-v0"} and min(split.values()) > 30, split
+    chunks = list(
+        inrouter.chat.completions.create(
+            model="student", messages=PROMPT.messages(TEXTS[0]), max_tokens=16, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ask(inrouter, TEXTS[0], model="student")[1].choices[0].message.content
+    by_id = {r["id"]: r for r in served.records("inrouter")}
+    assert all(by_id[c.id]["served_by"] == h[TARGET_HEADER] for h, c in results)

@@ -64,6 +64,15 @@ def _base(**serve) -> dict:
             "exceeds max_replicas",
         ),
         ({"batching": {"max_batch_size": 64}}, "could never fill a batch"),
+        (
+            {"student_placement": "router", "router": {"max_ongoing_requests": 8}},
+            "router.max_ongoing_requests (8) must be >= batching.max_batch_size (16)",
+        ),
+        (
+            {"student_placement": "router", "student": {"autoscaling": {"max_replicas": 4}}},
+            "with student_placement 'router' the students are in the router's replicas",
+        ),
+        ({"student_placement": "inside"}, "serve.student_placement"),
         ({"hybrid": {"min_confidence": 1.5}}, "serve.hybrid.min_confidence"),
         ({"request_log": {"format": "csv"}}, "serve.request_log.format"),
     ],
