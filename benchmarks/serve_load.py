@@ -391,8 +391,7 @@ def main() -> None:
                 "batching_qps_ratio_short": round(routed["qps"] / unbatched["qps"], 2),
                 "unbatched_qps_short": round(unbatched["qps"], 1),
                 "failed_during_load": sum(
-                    x["failed"]
-                    for x in (direct, routed, inrouter, unbatched, long, long_unbatched)
+                    x["failed"] for x in (direct, routed, inrouter, unbatched, long, long_unbatched)
                 ),
                 "failed_during_reweight": reweight["failed"],
                 "reweight_requests": reweight["requests"],
