@@ -118,10 +118,11 @@ def app_args(checkpoint: str, teacher_url: str, log_dir: Path, **serve: Any) -> 
         "weights": {"student": 1.0},
         "admin_key_env": ADMIN_ENV,
         "max_new_tokens": 16,
-        # Replicas share the machine with the load generator: reserve little, use what is free.
-        "router": {"num_cpus": 0.1},
-        "teacher": {"num_cpus": 0.1},
-        "student": {"num_cpus": 0.1, "num_gpus": 0.0, "max_ongoing_requests": 64},
+        # Replicas share the machine with the load generator: reserve little, use what is free
+        # (eight apps, 22 replicas that reserve CPUs: 1.1 of the 2).
+        "router": {"num_cpus": 0.05},
+        "teacher": {"num_cpus": 0.05},
+        "student": {"num_cpus": 0.05, "num_gpus": 0.0, "max_ongoing_requests": 64},
         "request_log": {"dir": str(log_dir), "flush_s": 1.0},
         "seed": 0,
         **SERVE_SETTINGS,
