@@ -1662,7 +1662,7 @@ class ServeSection(Section):
         description="deployment: each group of students is a Serve deployment of its own, "
         "scaled and sized by `student`, that the router calls over Serve's inter-deployment "
         "gRPC. router: every router replica loads the students itself and calls them "
-        "in-process: no hop between replicas (on a 2-core machine about 6 ms less per "
+        "in-process: no hop between replicas (on a 2-core machine about 8 ms less per "
         "request, benchmarks/serve_load.py), but the students scale with "
         "`router.autoscaling` and `router.max_ongoing_requests`, each router replica "
         "reserves `router` plus `student` CPUs and GPUs, and a forward pass holds the "
