@@ -2,7 +2,7 @@
 deploy`` does, on local Ray, with the e2e run's students and the simulator as teacher, called
 with the real openai client.
 
-Three apps on one Serve instance:
+Four apps on one Serve instance:
 
 * ``canary``: two LoRA students on one base (one deployment) and the teacher, split 20/50/30,
   sticky per user, bearer-token auth and admin key on, JSONL request log;
